@@ -1,0 +1,176 @@
+"""MultiMLP: many tiny MLPs, one per cell, evaluated together with batched matmuls.
+
+Every parameter tensor has leading dimension ``n_cells`` so that a per-cell optimiser
+(``BatchedLBFGS``) can treat dim 0 as the cell index.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .activations import ACTIVATIONS, PositionalEncoding, init_layer_, make_activation
+
+
+class MultiMLP(nn.Module):
+    """``n_cells`` independent MLPs ``d_in -> width x depth -> d_out``.
+
+    Parameters: ``weights[l]`` ``[n_cells, fan_in, fan_out]``, ``biases[l]`` ``[n_cells, fan_out]``.
+    ``depth`` counts hidden layers, so there are ``depth + 1`` linear layers; the last is linear.
+
+    Args:
+        n_cells: number of networks.
+        d_in, d_out: input and output width.
+        width, depth: hidden width and number of hidden layers (both >= 1).
+        activation: ``"sine"`` | ``"gaussian"`` | ``"relu_pe"``.
+        omega_0: sine frequency (sine only).
+        sigma: Gaussian width (gaussian only).
+        pe_freqs: positional-encoding octaves (relu_pe only).
+        generator: optional ``torch.Generator`` for the initialisation.
+    """
+
+    def __init__(self, n_cells: int, d_in: int, d_out: int, width: int = 32, depth: int = 3,
+                 activation: str = "sine", omega_0: float = 30.0, sigma: float = 0.1,
+                 pe_freqs: int = 5, generator: Optional[torch.Generator] = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        for name, v in (("n_cells", n_cells), ("d_in", d_in), ("d_out", d_out),
+                        ("width", width), ("depth", depth)):
+            if int(v) <= 0:
+                raise ValueError(f"MultiMLP: {name} must be positive, got {v}")
+        self.n_cells, self.d_in, self.d_out = int(n_cells), int(d_in), int(d_out)
+        self.width, self.depth, self.activation = int(width), int(depth), activation
+        self.omega_0, self.sigma, self.pe_freqs = float(omega_0), float(sigma), int(pe_freqs)
+        self.encoding = PositionalEncoding(pe_freqs) if activation == "relu_pe" else None
+        self.act = make_activation(activation, omega_0, sigma)
+        first = self.encoding.out_dim(d_in) if self.encoding is not None else d_in
+        dims = [first] + [self.width] * self.depth + [self.d_out]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for layer, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            w = torch.empty(n_cells, a, b, dtype=dtype, device=device)
+            bias = torch.empty(n_cells, b, dtype=dtype, device=device)
+            init_layer_(w, bias, activation, layer, omega_0, generator)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(bias))
+
+    @property
+    def params_per_cell(self) -> int:
+        return sum(p[0].numel() for p in self.parameters())
+
+    def layer_params(self, cells: Optional[torch.Tensor] = None
+                     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) per layer, for all cells or the cells listed in ``cells [k]``."""
+        out = []
+        for w, b in zip(self.weights, self.biases):
+            if cells is not None:
+                w, b = w.index_select(0, cells), b.index_select(0, cells)
+            out.append((w, b))
+        return out
+
+    def forward_dense(self, x: torch.Tensor, cells: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Evaluate every cell on its own points.
+
+        Args:
+            x: ``[n, P, d_in]`` local coordinates (``n == n_cells``, or ``len(cells)``), or
+               ``[1, P, d_in]`` / ``[P, d_in]`` to give every cell the same points.
+            cells: optional ``[n]`` long: evaluate only these cells.
+        Returns:
+            ``[n, P, d_out]``.
+        """
+        if x.dim() == 2:
+            x = x[None]
+        h = self.encoding(x) if self.encoding is not None else x
+        layers = self.layer_params(cells)
+        n = layers[0][0].shape[0]
+        if h.shape[0] == 1 and n > 1:
+            # shared points: one plain matmul for the first layer, then per-cell bmm
+            w, b = layers[0]
+            h = torch.einsum("pi,nio->npo", h[0], w) + b[:, None, :]
+            h = self.act(h)
+            rest = layers[1:]
+        else:
+            rest = layers
+            if h.shape[0] != n:
+                raise ValueError(f"MultiMLP.forward_dense: x has {h.shape[0]} groups, "
+                                 f"expected {n}")
+        for i, (w, b) in enumerate(rest):
+            h = torch.baddbmm(b[:, None, :], h, w)
+            if i < len(rest) - 1:
+                h = self.act(h)
+        return h
+
+    def forward(self, x: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """Ragged evaluation: ``x [M, d_in]`` local coordinates of points in cells ``cell [M]``.
+
+        Points are grouped by cell (a stable sort), padded to the largest group among the
+        cells that have points, evaluated with batched matmuls, and returned in the input
+        order. Cells with no points cost nothing. Returns ``[M, d_out]``.
+        """
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.d_out)
+        packed = pack_by_cell(cell, self.n_cells)
+        xp = x.new_zeros(packed.n_groups, packed.width, x.shape[1])
+        xp[packed.group, packed.slot] = x[packed.order]
+        out_p = self.forward_dense(xp, packed.cells)
+        out = torch.empty(x.shape[0], self.d_out, dtype=out_p.dtype, device=x.device)
+        out[packed.order] = out_p[packed.group, packed.slot]
+        return out
+
+    def cell_module(self, cell: int) -> nn.Sequential:
+        """Cell ``cell`` as an ordinary ``nn.Sequential`` with the same outputs (a copy)."""
+        mods: List[nn.Module] = []
+        if self.encoding is not None:
+            mods.append(PositionalEncoding(self.pe_freqs))
+        n_layers = len(self.weights)
+        for layer in range(n_layers):
+            w = self.weights[layer][cell]
+            lin = nn.Linear(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+            with torch.no_grad():
+                lin.weight.copy_(w.T)
+                lin.bias.copy_(self.biases[layer][cell])
+            mods.append(lin)
+            if layer < n_layers - 1:
+                mods.append(make_activation(self.activation, self.omega_0, self.sigma))
+        return nn.Sequential(*mods)
+
+
+class CellPacking:
+    """Where each point goes in a padded ``[n_groups, width]`` layout grouped by cell.
+
+    Attributes:
+        order: ``[M]`` point indices sorted by cell (stable).
+        group: ``[M]`` group of each sorted point; ``slot``: ``[M]`` its position in the group.
+        cells: ``[n_groups]`` the cell id of each group (cells with at least one point).
+        counts: ``[n_groups]`` points per group; ``width``: the largest count.
+    """
+
+    def __init__(self, order, group, slot, cells, counts, width):
+        self.order, self.group, self.slot = order, group, slot
+        self.cells, self.counts, self.width = cells, counts, width
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.cells.numel())
+
+
+def pack_by_cell(cell: torch.Tensor, n_cells: int) -> CellPacking:
+    """Group points by cell id ``cell [M]`` (all ids in ``[0, n_cells)``)."""
+    if cell.numel() and (int(cell.min()) < 0 or int(cell.max()) >= n_cells):
+        raise ValueError(f"cell ids must lie in [0, {n_cells}); got "
+                         f"{int(cell.min())}..{int(cell.max())}")
+    sorted_cell, order = torch.sort(cell, stable=True)
+    counts_all = torch.bincount(cell, minlength=n_cells)
+    cells = torch.nonzero(counts_all, as_tuple=False).flatten()
+    counts = counts_all[cells]
+    group_of_cell = torch.full((n_cells,), -1, dtype=torch.long, device=cell.device)
+    group_of_cell[cells] = torch.arange(cells.numel(), device=cell.device)
+    group = group_of_cell[sorted_cell]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(cell.numel(), device=cell.device) - starts[group]
+    width = int(counts.max()) if counts.numel() else 0
+    return CellPacking(order, group, slot, cells, counts, width)

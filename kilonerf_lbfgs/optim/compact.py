@@ -1,0 +1,106 @@
+"""Inverse-Hessian products of many L-BFGS histories at once, in compact form.
+
+For one problem with pairs ``s_i, y_i`` (oldest first) the L-BFGS inverse Hessian is
+(Byrd, Nocedal & Schnabel 1994)::
+
+    H = gamma I + [S  gamma Y] M [S ; gamma Y]^T,
+    M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]],
+
+with ``R`` the upper triangle of ``S^T Y`` and ``D`` its diagonal. So ``H g`` needs only the
+projections ``a = S^T g``, ``b = Y^T g``, the small Gram matrices and two triangular solves:
+``c = R^-1 a``; ``top = R^-T ((D + gamma Y^T Y) c - gamma b)``;
+``H g = gamma g + S top - gamma Y c``. For many cells this is a handful of batched operations
+instead of the two-loop recursion's ``4 m`` small kernels.
+
+Histories are fixed-shape ring buffers; a slot is used only where ``valid`` says so, and the
+slots are put in chronological order with ``order`` before the triangular solves.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+
+def chronological_order(ptr: torch.Tensor, m: int) -> torch.Tensor:
+    """Slot indices oldest first: ``ptr [n]`` (next slot to write) -> ``[n, m]`` long."""
+    return (ptr[:, None] + torch.arange(m, device=ptr.device)[None, :]) % m
+
+
+def _gather_square(mat: torch.Tensor, order: torch.Tensor, tmp: torch.Tensor,
+                   out: torch.Tensor) -> torch.Tensor:
+    """``mat [n, m, m]`` with rows and columns permuted by ``order [n, m]``, into ``out``."""
+    n, m, _ = mat.shape
+    torch.gather(mat, 1, order[:, :, None].expand(n, m, m), out=tmp)
+    return torch.gather(tmp, 2, order[:, None, :].expand(n, m, m), out=out)
+
+
+def _workspace(work, like: torch.Tensor):
+    """Three ``[n, m, m]`` scratch matrices, reused between calls (large temporaries cost
+    page faults on every allocation on CPU)."""
+    if work is None:
+        work = {}
+    if "tmp" not in work or work["tmp"].shape != like.shape or work["tmp"].dtype != like.dtype \
+            or work["tmp"].device != like.device:
+        work.update({k: torch.empty_like(like) for k in ("tmp", "r", "yty")})
+    return work
+
+
+def compact_coefficients(proj: torch.Tensor, sty: torch.Tensor, yty: torch.Tensor,
+                         gamma: torch.Tensor, valid: torch.Tensor, order: torch.Tensor,
+                         work: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Coefficients ``coef [n, 2m]`` such that ``H g = gamma g + coef[:, :m] S + coef[:, m:] Y``.
+
+    Args:
+        proj: ``[n, 2m]`` float64, ``[S^T g, Y^T g]`` in slot order.
+        sty: ``[n, m, m]`` float64, ``sty[k, i, j] = s_i . y_j`` (slot order).
+        yty: ``[n, m, m]`` float64, ``y_i . y_j``.
+        gamma: ``[n]`` float64, the initial inverse-Hessian scale.
+        valid: ``[n, m]`` bool, the slots that hold a pair.
+        order: ``[n, m]`` long, slots oldest first (see :func:`chronological_order`).
+        work: optional dict of scratch buffers kept by the caller between calls.
+    Returns:
+        ``[n, 2m]`` float64 in slot order (zero on invalid slots).
+    """
+    n, m = valid.shape
+    work = _workspace(work, sty)
+    v = valid.gather(1, order).to(proj.dtype)                      # [n, m] chronological
+    a = proj[:, :m].gather(1, order) * v
+    b = proj[:, m:].gather(1, order) * v
+    # R: upper triangle of S^T Y in chronological order (the solver reads only that
+    # triangle), invalid rows/columns zeroed and given a unit diagonal
+    r = _gather_square(sty, order, work["tmp"], work["r"])
+    r.mul_(v[:, :, None]).mul_(v[:, None, :])
+    diag = torch.diagonal(r, dim1=1, dim2=2)
+    d = diag.clone()                                               # D (zero on invalid)
+    diag.add_(1.0 - v)
+    yty_o = _gather_square(yty, order, work["tmp"], work["yty"])
+    yty_o.mul_(v[:, :, None]).mul_(v[:, None, :])
+    g = gamma[:, None]
+    c = torch.linalg.solve_triangular(r, a[:, :, None], upper=True)[..., 0]
+    rhs = d * c + g * torch.bmm(yty_o, c[:, :, None])[..., 0] - g * b
+    # top = R^-T rhs, as the row-vector solve  top^T R = rhs^T
+    top = torch.linalg.solve_triangular(r, rhs[:, None, :], upper=True, left=False)[:, 0]
+    coef_o = torch.cat([top * v, -g * c * v], dim=1)               # [n, 2m] chronological
+    coef = torch.zeros_like(coef_o)
+    return coef.scatter(1, torch.cat([order, order + m], dim=1), coef_o)
+
+
+def two_loop_direction(g: torch.Tensor, s_list, y_list, gamma: float) -> torch.Tensor:
+    """Reference ``H g`` by the classic two-loop recursion for one problem (pairs oldest first).
+
+    Used by the tests as an oracle for :func:`compact_coefficients`.
+    """
+    q = g.clone()
+    alphas = []
+    for s, y in zip(reversed(s_list), reversed(y_list)):
+        rho = 1.0 / torch.dot(y, s)
+        alpha = rho * torch.dot(s, q)
+        q = q - alpha * y
+        alphas.append(alpha)
+    r = gamma * q
+    for (s, y), alpha in zip(zip(s_list, y_list), reversed(alphas)):
+        rho = 1.0 / torch.dot(y, s)
+        beta = rho * torch.dot(y, r)
+        r = r + s * (alpha - beta)
+    return r
