@@ -71,9 +71,12 @@ class CellGrid:
         lo = self.lo.to(device=x.device, dtype=torch.float64)
         size = self.cell_size.to(device=x.device)
         res = torch.tensor(self.resolution, device=x.device)
-        idx = torch.floor((x.to(torch.float64) - lo) / size).long()
-        on_upper = x.to(torch.float64) == self.hi.to(device=x.device)
-        return torch.where(on_upper, res - 1, idx)
+        x64 = x.to(torch.float64)
+        idx = torch.floor((x64 - lo) / size).long()
+        # inside the box (upper face included) rounding must never push a point out
+        inside = (x64 >= lo) & (x64 <= self.hi.to(device=x.device))
+        return torch.where(inside, torch.minimum(torch.maximum(idx, torch.zeros_like(idx)),
+                                                 res - 1), idx)
 
     def cell_of(self, x: torch.Tensor, outside: str = "raise") -> torch.Tensor:
         """``x [M, d]`` -> cell id ``[M]`` (long).

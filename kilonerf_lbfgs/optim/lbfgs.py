@@ -10,7 +10,7 @@ Every parameter's dim 0 indexes the cell. The closure returns either
 * a scalar: the loss couples the cells (volume rendering). Curvature stays per cell
   (block-diagonal), the step length comes from one shared line search.
 
-All state is fixed-shape tensors (ring buffers ``[n_cells, 2m, p]`` for the ``s`` and ``y``
+All state is fixed-shape tensors (ring buffers ``[n_cells, m, 2, p]`` for the ``s`` and ``y``
 pairs, Gram matrices ``[n_cells, m, m]``); an iteration does no host synchronisation. A
 non-finite trial is rejected for its cell (the step shrinks) and never enters the history.
 A pair with non-positive curvature is skipped. When a cell's line search fails, its history
@@ -29,12 +29,28 @@ from .linesearch import LINE_SEARCHES, line_search_update, new_line_state
 ACTIVE, CONVERGED, FAILED = 0, 1, 2
 
 
-def _project(sy: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``[S;Y] v``: ``sy [n, 2m, p]``, ``v [n, p]`` -> ``[n, 2m]`` float64.
+def _project(sy: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
+    """``[S^T v, Y^T v]`` over the first ``k`` slots: ``sy [n, m, 2, p]``, ``v [n, p]`` ->
+    ``[n, 2m]`` float64 (zero beyond slot ``k``).
 
     Written as ``v^T [S;Y]^T`` because CPU ``bmm`` is several times faster in that layout.
     """
-    return torch.bmm(v[:, None, :], sy.transpose(1, 2))[:, 0].double()
+    n, m = sy.shape[:2]
+    out = v.new_zeros(n, m, 2, dtype=torch.float64)
+    if k > 0:
+        flat = sy[:, :k].reshape(n, 2 * k, -1)
+        out[:, :k] = torch.bmm(v[:, None, :], flat.transpose(1, 2))[:, 0].double() \
+            .view(n, k, 2)
+    return out.transpose(1, 2).reshape(n, 2 * m)
+
+
+def _combine(sy: torch.Tensor, coef: torch.Tensor, k: int) -> torch.Tensor:
+    """``coef[:, :m] S + coef[:, m:] Y`` over the first ``k`` slots -> ``[n, p]``."""
+    n, m = sy.shape[:2]
+    if k == 0:
+        return sy.new_zeros(n, sy.shape[-1])
+    c = torch.stack([coef[:, :k], coef[:, m:m + k]], -1).reshape(n, 1, 2 * k).to(sy.dtype)
+    return torch.bmm(c, sy[:, :k].reshape(n, 2 * k, -1))[:, 0]
 
 
 class BatchedLBFGS(Optimizer):
@@ -72,8 +88,10 @@ class BatchedLBFGS(Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("BatchedLBFGS supports a single parameter group")
         self._params: List[torch.Tensor] = self.param_groups[0]["params"]
+        if not self._params or any(p.dim() == 0 for p in self._params):
+            raise ValueError("BatchedLBFGS: every parameter needs a dim 0 (the cell index)")
         sizes = {p.shape[0] for p in self._params}
-        if len(sizes) != 1 or any(p.dim() == 0 for p in self._params):
+        if len(sizes) != 1:
             raise ValueError("BatchedLBFGS: every parameter needs the same dim 0 (the cell index)")
         self.n_cells = sizes.pop()
         self._numels = [p[0].numel() for p in self._params]
@@ -129,7 +147,8 @@ class BatchedLBFGS(Optimizer):
         st = self.state[self._params[0]]
         st.update({
             "separable": torch.tensor(separable),
-            "sy": torch.zeros(n, 2 * m, p, device=dev, dtype=dt),
+            "sy": torch.zeros(n, m, 2, p, device=dev, dtype=dt),
+            "slots_used": 0,
             "sty": torch.zeros(n, m, m, **f64), "yty": torch.zeros(n, m, m, **f64),
             "valid": torch.zeros(n, m, dtype=torch.bool, device=dev),
             "ptr": torch.zeros(n, dtype=torch.long, device=dev),
@@ -140,6 +159,12 @@ class BatchedLBFGS(Optimizer):
             "n_evals": torch.ones(n, dtype=torch.long, device=dev),
             "n_iters": torch.zeros(n, dtype=torch.long, device=dev),
         })
+        # a cell that starts at a stationary point is converged, not failed
+        stationary = grad.abs().amax(1) <= self.defaults["tolerance_grad"]
+        if not separable:  # a coupled problem converges as a whole
+            stationary = stationary.all().expand(n)
+        st["status"] = torch.where(stationary, torch.full_like(st["status"], CONVERGED),
+                                   st["status"])
         proj = torch.zeros(n, 2 * m, **f64)
         self._new_direction(grad, proj, first=torch.ones(n, dtype=torch.bool, device=dev),
                             reset=torch.zeros(n, dtype=torch.bool, device=dev))
@@ -157,7 +182,7 @@ class BatchedLBFGS(Optimizer):
         coef = compact_coefficients(proj, st["sty"], st["yty"], st["gamma"], valid, order,
                                     self._work)
         d = -(st["gamma"].to(grad.dtype)[:, None] * grad
-              + torch.bmm(coef.to(grad.dtype)[:, None, :], st["sy"])[:, 0])
+              + _combine(st["sy"], coef, st["slots_used"]))
         gtd_cell = (grad.double() * d.double()).sum(1)
         # not a descent direction (rounding, bad pairs): drop the history, use -grad
         bad = ~(gtd_cell < 0) | ~torch.isfinite(gtd_cell)
@@ -270,13 +295,15 @@ class BatchedLBFGS(Optimizer):
             yy = (y.double() * y.double()).sum(1)
             keep = accept & (sy > g["curvature_eps"] * yy) & (yy > 0) & \
                 torch.isfinite(sy) & torch.isfinite(yy)
-            proj_new = _project(st["sy"], g_new)                                 # [S;Y]_old g
+            proj_new = _project(st["sy"], g_new, st["slots_used"])              # [S;Y]_old g
             sty_col = proj_new[:, :m] - st["proj0"][:, :m]                       # S_old^T y
             yty_col = proj_new[:, m:] - st["proj0"][:, m:]                       # Y_old^T y
             j = st["ptr"]
             kj = keep[:, None]
-            st["sy"][rows, j] = torch.where(kj, s, st["sy"][rows, j])
-            st["sy"][rows, m + j] = torch.where(kj, y, st["sy"][rows, m + j])
+            st["sy"][rows, j, 0] = torch.where(kj, s, st["sy"][rows, j, 0])
+            st["sy"][rows, j, 1] = torch.where(kj, y, st["sy"][rows, j, 1])
+            # slots are written in order from 0, at most one per evaluation
+            st["slots_used"] = min(m, st["slots_used"] + 1)
             # s^T Y_old from the Gram matrices: s = -t (dgamma g0 + dcoef . [S;Y])
             dc = st["dcoef"]
             sty_row = -t_acc.double()[:, None] * (
@@ -337,7 +364,8 @@ class BatchedLBFGS(Optimizer):
         return {k: st[k].clone() for k in ("status", "n_evals", "n_iters")}
 
     def state_dict(self):
-        st = {k: ({kk: vv.clone() for kk, vv in v.items()} if isinstance(v, dict) else v.clone())
+        st = {k: ({kk: vv.clone() for kk, vv in v.items()} if isinstance(v, dict)
+                  else v.clone() if torch.is_tensor(v) else v)
               for k, v in self._st.items()}
         return {"state": st, "defaults": dict(self.defaults)}
 
@@ -346,7 +374,7 @@ class BatchedLBFGS(Optimizer):
         st = {}
         for k, v in state_dict["state"].items():
             st[k] = ({kk: vv.to(dev) for kk, vv in v.items()} if isinstance(v, dict)
-                     else v.to(dev))
+                     else v.to(dev) if torch.is_tensor(v) else v)
         self.state[self._params[0]] = st
         self.defaults.update(state_dict.get("defaults", {}))
         self.param_groups[0].update(state_dict.get("defaults", {}))

@@ -1,0 +1,256 @@
+"""The optimiser race: batched per-cell L-BFGS against swept Adam and torch's L-BFGS.
+
+Every contender trains the same cells, networks, data and initialisation (per seed), one
+after another in one process; only optimiser time counts (closure evaluations included,
+quality read from the losses the optimiser returns). A contender stops once it reaches the
+highest target. Results: seconds to each target per seed, medians over seeds, the quality at
+the end of the budget, and ratios of each rival's median time to ours.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .fitting import CellProblem, FitConfig, fit, first_time_reaching
+from .multinet import MultiMLP
+
+ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+PAPER_ADAM_LR = 1e-4
+RIVALS = ("best_adam", "adam_sweep", "adam_lr=0.0001", "adam_lr=0.001",
+          "torch_lbfgs_joint", "torch_lbfgs_per_cell")
+
+
+@dataclass
+class Race:
+    """One race: a problem, a model factory and the rules."""
+    problem: CellProblem
+    make_model: Callable[[int], MultiMLP]       # seed -> freshly initialised model
+    targets: Sequence[float]
+    budget: float
+    seeds: Sequence[int]
+    lbfgs: FitConfig = field(default_factory=lambda: FitConfig(optimizer="lbfgs"))
+    torch_lbfgs: FitConfig = field(default_factory=lambda: FitConfig(
+        optimizer="torch_lbfgs", history_size=100, evals_per_step=20))
+    per_cell_lbfgs: FitConfig = field(default_factory=lambda: FitConfig(
+        optimizer="torch_lbfgs", history_size=100, evals_per_step=20))
+    log: Callable[[str], None] = print
+
+
+def _run_fit(race: Race, cfg: FitConfig, seed: int) -> Dict:
+    model = race.make_model(seed)
+    cfg = replace(cfg, max_seconds=race.budget, target=max(race.targets), progress=False,
+                  ckpt_path=None)
+    res = fit(model, race.problem, cfg)
+    return {"history": res.history, "quality": res.quality, "evals": res.function_evals,
+            "seconds": res.train_seconds}
+
+
+def _run_per_cell(race: Race, cfg: FitConfig, seed: int) -> Dict:
+    """The paper's patch scheme: cells one after another, each with its own
+    ``torch.optim.LBFGS``; the budget is shared (a cell gets what is left divided by the
+    cells left), a cell stops at the highest target."""
+    model = race.make_model(seed)
+    problem = race.problem
+    with torch.no_grad():
+        losses = problem.cell_losses(model).detach().clone()
+    top = max(race.targets)
+    history, elapsed, evals = [], 0.0, 0
+    n = problem.n_cells
+    for c in range(n):
+        cell = torch.tensor([c], device=losses.device)
+        sub = problem.subset(cell)
+        one = MultiMLP(1, model.d_in, model.d_out, model.width, model.depth, model.activation,
+                       omega_0=model.omega_0, sigma=model.sigma, pe_freqs=model.pe_freqs
+                       ).to(next(model.parameters()).device)
+        with torch.no_grad():
+            for dst, src in zip(one.parameters(), model.parameters()):
+                dst.copy_(src[c:c + 1])
+        opt = torch.optim.LBFGS(one.parameters(), lr=1.0, history_size=cfg.history_size,
+                                max_iter=cfg.evals_per_step, line_search_fn="strong_wolfe",
+                                tolerance_grad=0.0, tolerance_change=0.0)
+
+        def closure():
+            nonlocal evals
+            opt.zero_grad()
+            evals += 1
+            loss = sub.cell_losses(one)
+            loss.sum().backward()
+            return loss.sum()
+
+        slice_end = elapsed + (race.budget - elapsed) / (n - c)
+        while elapsed < slice_end:
+            t0 = time.perf_counter()
+            opt.step(closure)
+            elapsed += time.perf_counter() - t0
+            with torch.no_grad():
+                cell_loss = sub.cell_losses(one)
+            if not torch.isfinite(cell_loss).all():
+                break
+            losses[c] = cell_loss[0]
+            if sub.quality(cell_loss) >= top:
+                break
+        with torch.no_grad():
+            for dst, src in zip(model.parameters(), one.parameters()):
+                dst[c:c + 1].copy_(src)
+        history.append([elapsed, problem.quality(losses)])
+        if elapsed >= race.budget:
+            break
+    return {"history": history, "quality": history[-1][1] if history else float("nan"),
+            "evals": evals, "seconds": elapsed}
+
+
+def _median(values: List[Optional[float]]) -> Optional[float]:
+    """Median with misses (None) counted as +inf; None if the median is a miss."""
+    vals = [math.inf if v is None else v for v in values]
+    m = statistics.median(vals)
+    return None if math.isinf(m) else m
+
+
+def _summarise(name: str, runs: List[Dict], targets: Sequence[float]) -> Dict:
+    secs = {str(t): [first_time_reaching(r["history"], t) for r in runs] for t in targets}
+    return {"contender": name,
+            "seconds_to_target": secs,
+            "median_seconds_to_target": {k: _median(v) for k, v in secs.items()},
+            "psnr_at_budget": [r["quality"] for r in runs],
+            "median_psnr_at_budget": statistics.median(r["quality"] for r in runs),
+            "function_evals": [r["evals"] for r in runs],
+            "histories": [r["history"] for r in runs]}
+
+
+def _adam_rank_key(entry: Dict, targets: Sequence[float]):
+    """Higher is better: more targets reached, then sooner at the highest one, then PSNR."""
+    med = entry["median_seconds_to_target"]
+    reached = [t for t in targets if med[str(t)] is not None]
+    top_time = med[str(max(reached))] if reached else math.inf
+    return (len(reached), -top_time, entry["median_psnr_at_budget"])
+
+
+def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
+    """Run every contender over every seed; return the results JSON (see the README)."""
+    results: Dict[str, Dict] = {}
+    wanted = set(contenders) if contenders else None
+
+    def want(name):
+        return wanted is None or name in wanted or (name.startswith("adam") and "adam" in wanted)
+
+    def race_one(name: str, runner, cfg: FitConfig):
+        runs = []
+        for seed in race.seeds:
+            runs.append(runner(race, cfg, seed))
+            r = runs[-1]
+            race.log(f"  {name:24s} seed {seed}: final {r['quality']:.2f} after "
+                     f"{r['seconds']:.1f} s, {r['evals']} evals; to targets " +
+                     ", ".join(f"{t}: {_fmt(first_time_reaching(r['history'], t))}"
+                               for t in race.targets))
+        results[name] = _summarise(name, runs, race.targets)
+
+    if want("batched_lbfgs"):
+        race_one("batched_lbfgs", _run_fit, race.lbfgs)
+    adam_names = []
+    if want("adam"):
+        for lr in ADAM_LRS:
+            name = f"adam_lr={lr:g}"
+            race_one(name, _run_fit, FitConfig(optimizer="adam", lr=lr))
+            adam_names.append(name)
+        ranked = sorted(adam_names, key=lambda n: _adam_rank_key(results[n], race.targets),
+                        reverse=True)
+        for name in ranked[:2]:
+            lr = float(name.split("=")[1])
+            cos = f"adam_cos_lr={lr:g}"
+            race_one(cos, _run_fit, FitConfig(optimizer="adam", lr=lr, lr_schedule="cosine"))
+            adam_names.append(cos)
+    if want("torch_lbfgs_joint"):
+        race_one("torch_lbfgs_joint", _run_fit, race.torch_lbfgs)
+    if want("torch_lbfgs_per_cell"):
+        race_one("torch_lbfgs_per_cell", _run_per_cell, race.per_cell_lbfgs)
+    return _compare(results, adam_names, race)
+
+
+def _fmt(v):
+    return "miss" if v is None else f"{v:.1f}s"
+
+
+def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dict:
+    targets = [str(t) for t in race.targets]
+    budget = race.budget
+    ours = results.get("batched_lbfgs")
+    rival_time: Dict[str, Dict[str, Optional[float]]] = {}
+    rival_lower: Dict[str, Dict[str, bool]] = {}
+    for t in targets:
+        rival_time[t], rival_lower[t] = {}, {}
+        if adam_names:
+            times = [results[n]["median_seconds_to_target"][t] for n in adam_names]
+            hit = [x for x in times if x is not None]
+            rival_time[t]["best_adam"] = min(hit) if hit else None
+            rival_time[t]["adam_sweep"] = sum(budget if x is None else x for x in times)
+            rival_lower[t]["adam_sweep"] = any(x is None for x in times)
+        for name in ("adam_lr=0.0001", "adam_lr=0.001", "torch_lbfgs_joint",
+                     "torch_lbfgs_per_cell"):
+            if name in results:
+                rival_time[t][name] = results[name]["median_seconds_to_target"][t]
+    ratios, lower = {}, {}
+    for t in targets:
+        ratios[t], lower[t] = {}, {}
+        mine = ours["median_seconds_to_target"][t] if ours else None
+        for rival, x in rival_time[t].items():
+            if mine is None or mine <= 0:
+                ratios[t][rival] = None
+                continue
+            is_lower = x is None or rival_lower[t].get(rival, False)
+            ratios[t][rival] = (budget if x is None else x) / mine
+            lower[t][rival] = is_lower
+    gains = {}
+    if ours:
+        mine = ours["median_psnr_at_budget"]
+        if adam_names:
+            best = max(results[n]["median_psnr_at_budget"] for n in adam_names)
+            gains["best_adam"] = mine - best
+        for name in ("adam_lr=0.0001", "adam_lr=0.001", "torch_lbfgs_joint",
+                     "torch_lbfgs_per_cell"):
+            if name in results:
+                gains[name] = mine - results[name]["median_psnr_at_budget"]
+    return {"targets": list(race.targets), "seeds": list(race.seeds),
+            "budget_seconds": budget,
+            "results": list(results.values()),
+            "rival_median_seconds_to_target": rival_time,
+            "ratios": ratios, "ratio_is_lower_bound": lower,
+            "psnr_gain_at_budget": gains}
+
+
+def format_tables(report: Dict) -> str:
+    """Plain-text tables: median seconds to each target and PSNR at budget; ratios."""
+    targets = [str(t) for t in report["targets"]]
+    lines = []
+    head = f"| contender | " + " | ".join(f"s to {t} dB" for t in targets) + \
+        " | PSNR at end (dB) | evals |"
+    lines += [head, "|" + "---|" * (len(targets) + 3)]
+    for r in report["results"]:
+        cells = []
+        for t in targets:
+            v = r["median_seconds_to_target"][t]
+            n_hit = sum(x is not None for x in r["seconds_to_target"][t])
+            n = len(r["seconds_to_target"][t])
+            cells.append("miss" if v is None else
+                         f"{v:.1f}" + ("" if n_hit == n else f" ({n_hit}/{n})"))
+        evals = int(statistics.median(r["function_evals"]))
+        lines.append(f"| {r['contender']} | " + " | ".join(cells) +
+                     f" | {r['median_psnr_at_budget']:.2f} | {evals} |")
+    lines.append("")
+    rivals = [k for k in RIVALS if any(k in report["ratios"][t] for t in targets)]
+    lines += ["| speed-up of batched_lbfgs over | " + " | ".join(f"{t} dB" for t in targets) +
+              " | PSNR gain at end (dB) |", "|" + "---|" * (len(targets) + 2)]
+    for rival in rivals:
+        cells = []
+        for t in targets:
+            v = report["ratios"][t].get(rival)
+            lb = report["ratio_is_lower_bound"][t].get(rival, False)
+            cells.append("n/a" if v is None else (">" if lb else "") + f"{v:.2f}x")
+        g = report["psnr_gain_at_budget"].get(rival)
+        lines.append(f"| {rival} | " + " | ".join(cells) + " | " +
+                     ("" if g is None else f"{g:+.2f}") + " |")
+    return "\n".join(lines)

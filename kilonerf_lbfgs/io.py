@@ -1,0 +1,114 @@
+"""Outputs of a run: atomic checkpoints, metrics.json, pictures and plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input: scripts print its message as one line and exit 1."""
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str, payload: Dict) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a run killed mid-write leaves the previous checkpoint intact."""
+    _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; train first or pass the right path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if torch.is_tensor(o):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _clean(o):
+    """Replace non-finite floats by None (JSON has no inf/nan)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def save_json(path: str, data: Dict) -> None:
+    text = json.dumps(_clean(data), indent=1, default=_json_default)
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    return (np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(path: str, img: np.ndarray) -> None:
+    """Save a float image in [0, 1], ``[H, W]`` or ``[H, W, C]``."""
+    import imageio.v3 as iio
+
+    img = to_uint8(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    iio.imwrite(path, img)
+
+
+def plot_convergence(path: str, curves: Dict[str, Sequence[Sequence[float]]],
+                     ylabel: str = "PSNR (dB)", title: str = "",
+                     targets: Optional[Iterable[float]] = None) -> None:
+    """Quality against optimiser seconds, one line per named history ``[[s, q], ...]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, hist in curves.items():
+        if len(hist):
+            h = np.asarray(hist, dtype=np.float64)
+            ax.plot(h[:, 0], h[:, 1], label=name, lw=1.4)
+    for t in targets or []:
+        ax.axhline(t, color="0.7", lw=0.8, ls="--")
+    ax.set_xlabel("optimiser seconds")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

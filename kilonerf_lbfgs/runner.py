@@ -1,0 +1,103 @@
+"""Script glue shared by every modality: model options, resume, fit, metrics.json, plots."""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .activations import ACTIVATIONS
+from .backends import resolve_device
+from .config import require_positive
+from .fitting import CellProblem, FitConfig, FitResult, fit
+from .io import UserError, load_checkpoint, plot_convergence, save_json
+from .multinet import MultiMLP
+
+
+def add_model_args(parser, width: int = 32, depth: int = 3) -> None:
+    parser.add_argument("--width", type=int, default=width, help="hidden width per cell")
+    parser.add_argument("--depth", type=int, default=depth, help="hidden layers per cell")
+    parser.add_argument("--activation", default="sine",
+                        help=f"one of {', '.join(ACTIVATIONS)}")
+    parser.add_argument("--omega_0", type=float, default=30.0, help="sine frequency")
+    parser.add_argument("--sigma", type=float, default=0.1, help="Gaussian width")
+    parser.add_argument("--pe_freqs", type=int, default=5, help="relu_pe octaves")
+
+
+def check_model_args(args) -> None:
+    require_positive(args, "width", "depth", "max_seconds")
+    if args.activation not in ACTIVATIONS:
+        raise UserError(f"--activation {args.activation}: unknown; choose one of "
+                        f"{', '.join(ACTIVATIONS)}")
+    if args.history_size <= 0:
+        raise UserError(f"--history_size must be positive, got {args.history_size}")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+
+
+def make_model(args, n_cells: int, d_in: int, d_out: int, device) -> MultiMLP:
+    gen = torch.Generator().manual_seed(int(args.seed))
+    return MultiMLP(n_cells, d_in, d_out, args.width, args.depth, args.activation,
+                    omega_0=args.omega_0, sigma=args.sigma, pe_freqs=args.pe_freqs,
+                    generator=gen).to(device)
+
+
+def fit_config_from_args(args, target: Optional[float] = None, desc: str = "") -> FitConfig:
+    return FitConfig(optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule,
+                     history_size=args.history_size, line_search=args.line_search,
+                     max_seconds=args.max_seconds, target=target,
+                     ckpt_path=os.path.join(args.out_dir, "checkpoint.pt"),
+                     ckpt_every=args.ckpt_every, progress=not args.no_progress, desc=desc)
+
+
+def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
+            target: Optional[float] = None,
+            export: Optional[Callable[[MultiMLP], Dict]] = None) -> Dict:
+    """Fit (resuming if asked), then write ``metrics.json`` and ``convergence.png``.
+
+    ``export(model)`` writes the modality's reconstruction and returns its final metrics
+    (e.g. ``{"psnr": .., "ssim": ..}``) which go into ``metrics.json``.
+    """
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    resume = None
+    if args.resume and os.path.isfile(ckpt_path):
+        resume = load_checkpoint(ckpt_path, map_location=next(model.parameters()).device)
+        if resume.get("modality") != modality or resume.get("n_cells") != model.n_cells \
+                or resume.get("params_per_cell") != model.params_per_cell:
+            raise UserError(f"--resume: {ckpt_path} was written by a different run "
+                            f"({resume.get('modality')}, {resume.get('n_cells')} cells); "
+                            f"use another --out_dir")
+        print(f"resuming from {ckpt_path} at {resume['train_seconds']:.1f} s")
+    cfg = fit_config_from_args(args, target, desc=f"{modality} {args.optimizer}")
+    extra = {"modality": modality, "n_cells": model.n_cells,
+             "params_per_cell": model.params_per_cell, "args": vars(args)}
+    result: FitResult = fit(model, problem, cfg, resume=resume, extra_ckpt=extra)
+    metrics = {
+        "modality": modality, "optimizer": args.optimizer,
+        "device": str(next(model.parameters()).device), "seed": args.seed,
+        "train_seconds": result.train_seconds, "iterations": result.iterations,
+        "function_evals": result.function_evals, "stopped": result.stopped,
+        problem.quality_name: result.quality,
+        "history": result.history,
+        "n_cells": model.n_cells, "params_per_cell": model.params_per_cell,
+        "params_total": model.n_cells * model.params_per_cell,
+        "activation": model.activation, "width": model.width, "depth": model.depth,
+        "lr": args.lr, "lr_schedule": args.lr_schedule, "history_size": args.history_size,
+        "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+    }
+    if export is not None:
+        metrics.update(export(model))
+    save_json(os.path.join(args.out_dir, "metrics.json"), metrics)
+    plot_convergence(os.path.join(args.out_dir, "convergence.png"),
+                     {args.optimizer: result.history}, ylabel=problem.quality_name,
+                     title=f"{modality}: {model.n_cells} cells, {args.optimizer}",
+                     targets=[target] if target else None)
+    return metrics
+
+
+def setup_run(args):
+    """Seed and device from the common options."""
+    torch.manual_seed(int(args.seed))
+    return resolve_device(args.device)

@@ -1,0 +1,1 @@
+"""Modality adapters: load a signal, make coordinates and targets, export the result."""

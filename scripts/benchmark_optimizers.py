@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Race batched per-cell L-BFGS against swept Adam and torch.optim.LBFGS (joint, per cell).
+
+    python scripts/benchmark_optimizers.py --modality image --preset fidelity --out bench/fidelity.json [--quick]
+    python scripts/benchmark_optimizers.py --modality image --study activations --out bench/activations.json
+    python scripts/benchmark_optimizers.py --modality image --study width --out bench/width.json
+"""
+import os
+
+import configargparse
+import torch
+
+from kilonerf_lbfgs.benchmark import Race, format_tables, run_race
+from kilonerf_lbfgs.benchmark_presets import MODALITIES, image_race, study_races
+from kilonerf_lbfgs.config import parse_args, run_main
+from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
+
+
+def main():
+    p = configargparse.ArgumentParser(description=__doc__,
+                                      formatter_class=configargparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modality", default="image", choices=MODALITIES)
+    p.add_argument("--preset", default="fidelity", choices=["fidelity", "compression"])
+    p.add_argument("--study", default=None, choices=["activations", "width"],
+                   help="the paper's claims: L-BFGS vs best Adam across activations or widths")
+    p.add_argument("--quick", action="store_true", help="shorter budgets, one seed")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (full: 3, quick: 1)")
+    p.add_argument("--budget", type=float, default=None, help="override the seconds per run")
+    p.add_argument("--contenders", nargs="+", default=None,
+                   help="subset: batched_lbfgs adam torch_lbfgs_joint torch_lbfgs_per_cell")
+    p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
+    args = parse_args(p)
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    out = args.out or os.path.join("bench", f"{args.modality}_{args.study or args.preset}"
+                                   f"{'_quick' if args.quick else ''}.json")
+    meta = {"modality": args.modality, "device": "cpu", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "quick": args.quick}
+    if args.study:
+        report = {**meta, "study": args.study, "rows": []}
+        curves = {}
+        for label, race in study_races(args.study, args.quick, seeds, args.budget):
+            print(f"== {args.study}: {label}")
+            r = run_race(race, contenders=["batched_lbfgs", "adam"])
+            r["label"] = label
+            report["rows"].append(r)
+            print(format_tables(r))
+            for entry in r["results"]:
+                if entry["contender"] == "batched_lbfgs" or entry["contender"] == _best_adam(r):
+                    curves[f"{label} {entry['contender']}"] = entry["histories"][0]
+        save_json(out, report)
+        plot_convergence(out.replace(".json", ".png"), curves,
+                         title=f"{args.study} study (seed 0)")
+        print(study_table(report))
+    else:
+        race: Race = image_race(args.preset, args.quick, seeds, args.budget) \
+            if args.modality == "image" else None
+        if race is None:
+            raise UserError(f"--modality {args.modality}: not available yet")
+        print(f"== {args.modality} {args.preset}{' (quick)' if args.quick else ''}: "
+              f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
+        report = {**meta, "preset": args.preset, **run_race(race, args.contenders)}
+        save_json(out, report)
+        curves = {e["contender"]: e["histories"][0] for e in report["results"]}
+        plot_convergence(out.replace(".json", ".png"), curves, targets=race.targets,
+                         title=f"{args.modality} {args.preset} (seed {seeds[0]})")
+        print(format_tables(report))
+    print(f"wrote {out}")
+
+
+def _best_adam(report):
+    adams = [e for e in report["results"] if e["contender"].startswith("adam")]
+    return max(adams, key=lambda e: e["median_psnr_at_budget"])["contender"] if adams else None
+
+
+def study_table(report):
+    lines = ["| setting | L-BFGS PSNR at budget | best Adam (lr) PSNR at budget | "
+             "L-BFGS - Adam (dB) |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        ours = next(e for e in r["results"] if e["contender"] == "batched_lbfgs")
+        best = _best_adam(r)
+        adam = next(e for e in r["results"] if e["contender"] == best)
+        lines.append(f"| {r['label']} | {ours['median_psnr_at_budget']:.2f} | "
+                     f"{adam['median_psnr_at_budget']:.2f} ({best}) | "
+                     f"{ours['median_psnr_at_budget'] - adam['median_psnr_at_budget']:+.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_main(main)

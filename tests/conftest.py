@@ -1,0 +1,30 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "realdata" in item.keywords and not os.path.isdir(SHARED_DATA):
+            item.add_marker(pytest.mark.skip(reason=f"needs {SHARED_DATA} (real data)"))
+        if "cuda" in item.keywords:
+            import torch
+            if not torch.cuda.is_available():
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def run_script(name, *args, timeout=300):
+    """Run scripts/NAME with ARGS in a subprocess; returns CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture
+def script():
+    return run_script
