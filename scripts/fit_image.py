@@ -6,7 +6,7 @@
 import os
 
 from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
-from kilonerf_lbfgs.io import save_png
+from kilonerf_lbfgs.io import UserError, save_png
 from kilonerf_lbfgs.metrics import psnr, ssim
 from kilonerf_lbfgs.runner import add_model_args, check_model_args, make_model, run_fit, setup_run
 from kilonerf_lbfgs.signals.image import ImageProblem, center_crop, load_image
@@ -24,7 +24,7 @@ def main():
     check_model_args(args)
     require_positive(args, "grid")
     if len(args.grid) > 2:
-        raise ValueError("--grid takes one or two numbers")
+        raise UserError(f"--grid takes one or two numbers (ROWS [COLS]), got {args.grid}")
     device = setup_run(args)
     img = load_image(args.image)
     if args.crop > 0:

@@ -1,0 +1,66 @@
+"""The optimiser race: summaries, ratios and lower bounds, and a tiny end-to-end race."""
+import math
+
+import numpy as np
+import torch
+
+from kilonerf_lbfgs.benchmark import Race, _compare, _median, _summarise, format_tables, run_race
+from kilonerf_lbfgs.multinet import MultiMLP
+from kilonerf_lbfgs.signals.image import ImageProblem
+
+
+def _run(times_to_quality, final):
+    """A fake run whose history reaches quality q at the given seconds."""
+    hist = [[s, q] for q, s in sorted(times_to_quality.items(), key=lambda kv: kv[1])]
+    return {"history": hist, "quality": final, "evals": 10, "seconds": 1.0}
+
+
+def test_median_counts_misses_as_infinite():
+    assert _median([1.0, 2.0, 3.0]) == 2.0
+    assert _median([1.0, None, 3.0]) == 3.0
+    assert _median([1.0, None, None]) is None
+
+
+def test_ratios_best_adam_sweep_and_lower_bounds():
+    targets = (10, 20)
+    budget = 100.0
+    res = {
+        "batched_lbfgs": _summarise("batched_lbfgs", [_run({10: 2.0, 20: 5.0}, 25.0)], targets),
+        "adam_lr=0.0001": _summarise("adam_lr=0.0001", [_run({10: 50.0}, 15.0)], targets),
+        "adam_lr=0.001": _summarise("adam_lr=0.001", [_run({10: 4.0, 20: 20.0}, 22.0)], targets),
+        "torch_lbfgs_joint": _summarise("torch_lbfgs_joint", [_run({10: 8.0}, 12.0)], targets),
+    }
+    race = Race(problem=None, make_model=None, targets=targets, budget=budget, seeds=[0])
+    rep = _compare(res, ["adam_lr=0.0001", "adam_lr=0.001"], race)
+    r10, r20 = rep["ratios"]["10"], rep["ratios"]["20"]
+    assert r10["best_adam"] == 4.0 / 2.0
+    assert r10["adam_sweep"] == (50.0 + 4.0) / 2.0
+    assert r20["adam_sweep"] == (budget + 20.0) / 5.0            # one variant missed
+    assert rep["ratio_is_lower_bound"]["20"]["adam_sweep"] is True
+    assert r20["torch_lbfgs_joint"] == budget / 5.0               # missed: counts at budget
+    assert rep["ratio_is_lower_bound"]["20"]["torch_lbfgs_joint"] is True
+    assert rep["ratio_is_lower_bound"]["10"]["torch_lbfgs_joint"] is False
+    assert rep["psnr_gain_at_budget"]["best_adam"] == 25.0 - 22.0
+    table = format_tables(rep)
+    assert ">20.00x" in table and "2.00x" in table
+
+
+def test_tiny_race_runs_every_contender():
+    img = np.random.default_rng(0).random((16, 16, 1)).astype(np.float32)
+    problem = ImageProblem(img, (2, 2))
+
+    def make(seed):
+        return MultiMLP(4, 2, 1, 8, 1, generator=torch.Generator().manual_seed(seed))
+
+    race = Race(problem, make, targets=(15, 20), budget=0.5, seeds=[0], log=lambda s: None)
+    rep = run_race(race)
+    names = [r["contender"] for r in rep["results"]]
+    assert names[0] == "batched_lbfgs"
+    assert sum(n.startswith("adam_lr=") for n in names) == 5
+    assert sum(n.startswith("adam_cos_lr=") for n in names) == 2
+    assert {"torch_lbfgs_joint", "torch_lbfgs_per_cell"} <= set(names)
+    for r in rep["results"]:
+        assert math.isfinite(r["median_psnr_at_budget"])
+        for h in r["histories"]:
+            secs = [s for s, _ in h]
+            assert secs == sorted(secs)           # the clock only moves forward
