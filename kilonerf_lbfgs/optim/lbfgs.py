@@ -146,7 +146,7 @@ class BatchedLBFGS(Optimizer):
         f64 = dict(device=dev, dtype=torch.float64)
         st = self.state[self._params[0]]
         st.update({
-            "separable": torch.tensor(separable),
+            "separable": bool(separable),
             "sy": torch.zeros(n, m, 2, p, device=dev, dtype=dt),
             "slots_used": 0,
             "sty": torch.zeros(n, m, m, **f64), "yty": torch.zeros(n, m, m, **f64),
@@ -174,7 +174,7 @@ class BatchedLBFGS(Optimizer):
         """Set ``d``, ``gtd0``, ``proj0`` and a fresh line search for the cells in ``where``
         (all cells if None) from their gradient ``grad [n, p]`` and ``proj = [S;Y] grad``."""
         st, g = self._st, self.defaults
-        separable = bool(st["separable"])
+        separable = st["separable"]
         valid = st["valid"] & ~reset[:, None]
         st["valid"] = valid
         st["gamma"] = torch.where(reset, torch.ones_like(st["gamma"]), st["gamma"])
@@ -220,7 +220,7 @@ class BatchedLBFGS(Optimizer):
             st["ls"] = {k: torch.where(w_line, fresh[k], v) for k, v in st["ls"].items()}
 
     def _cell_of_line(self, line_vals: torch.Tensor) -> torch.Tensor:
-        return line_vals if bool(self._st["separable"]) else line_vals.expand(self.n_cells)
+        return line_vals if self._st["separable"] else line_vals.expand(self.n_cells)
 
     @torch.no_grad()
     def _trial_params(self) -> torch.Tensor:
@@ -245,7 +245,7 @@ class BatchedLBFGS(Optimizer):
         else:
             budget = g["max_eval"]
         st = self._st
-        separable = bool(st["separable"])
+        separable = st["separable"]
         n = self.n_cells
         rows = torch.arange(n, device=st["x0"].device)
         for _ in range(budget):
