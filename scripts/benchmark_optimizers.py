@@ -28,6 +28,8 @@ def main():
     p.add_argument("--budget", type=float, default=None, help="override the seconds per run")
     p.add_argument("--contenders", nargs="+", default=None,
                    help="subset: batched_lbfgs adam torch_lbfgs_joint torch_lbfgs_per_cell")
+    p.add_argument("--image", default=None,
+                   help="replace the preset's image (same crop, grid and targets)")
     p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
     args = parse_args(p)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
@@ -52,13 +54,14 @@ def main():
                          title=f"{args.study} study (seed 0)")
         print(study_table(report))
     else:
-        race: Race = image_race(args.preset, args.quick, seeds, args.budget) \
+        race: Race = image_race(args.preset, args.quick, seeds, args.budget, args.image) \
             if args.modality == "image" else None
         if race is None:
             raise UserError(f"--modality {args.modality}: not available yet")
         print(f"== {args.modality} {args.preset}{' (quick)' if args.quick else ''}: "
               f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
-        report = {**meta, "preset": args.preset, **run_race(race, args.contenders)}
+        report = {**meta, "preset": args.preset, "image": args.image,
+                  **run_race(race, args.contenders)}
         save_json(out, report)
         curves = {e["contender"]: e["histories"][0] for e in report["results"]}
         plot_convergence(out.replace(".json", ".png"), curves, targets=race.targets,
