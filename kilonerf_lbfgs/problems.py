@@ -46,6 +46,6 @@ class PackedMSEProblem(CellProblem):
         return psnr_from_mse(global_mse(cell_losses.double(), self.packed), self.data_range)
 
     def subset(self, cells: torch.Tensor) -> "PackedMSEProblem":
-        """The same problem restricted to ``cells`` (for models holding only those cells,
-        pass ``cells=None`` to their evaluation by using the returned problem's ``packed``)."""
+        """The same problem restricted to ``cells``, for a model that holds only those cells
+        (row ``i`` of the result belongs to the model's cell ``i``)."""
         return PackedMSEProblem(self.packed.select(cells), self.data_range)
