@@ -1,0 +1,86 @@
+"""Audio as a 1-D grid of time cells: load, synthesise a default, choose omega_0, export.
+
+Sample ``k`` sits at time coordinate ``k + 0.5`` in the box ``[0, T]``; the box is cut into
+``n_cells`` cells of (about) equal length. Amplitudes are in [-1, 1]; PSNR uses the full range
+2 as its peak (``data_range = 2``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..grid import CellGrid
+from ..io import UserError
+from ..packing import pack_samples
+from ..problems import PackedMSEProblem
+
+
+def synth_audio(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
+    """The bundled default: an A-major chord with vibrato and a decaying click, ``[T, 1]``."""
+    t = np.arange(int(seconds * rate)) / rate
+    vibrato = 0.004 * np.sin(2 * np.pi * 5.0 * t)
+    wave = sum(a * np.sin(2 * np.pi * f * (t + vibrato)) for f, a in
+               ((220.0, 0.35), (277.18, 0.25), (329.63, 0.25), (440.0, 0.1)))
+    click = np.where(t >= seconds / 2, np.exp(-(t - seconds / 2) * 60.0), 0.0)
+    wave = wave + 0.3 * click * np.sin(2 * np.pi * 1800.0 * t)
+    return (0.9 * wave / np.abs(wave).max()).astype(np.float32)[:, None]
+
+
+def load_audio(path: Optional[str] = None) -> Tuple[np.ndarray, int]:
+    """``(samples [T, C] float32 in [-1, 1], sample rate)``; None gives :func:`synth_audio`."""
+    if path is None:
+        return synth_audio(), 16000
+    if not os.path.isfile(path):
+        raise UserError(f"--audio {path}: no such file")
+    import soundfile as sf
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the user's file
+        raise UserError(f"--audio {path}: cannot be read as audio ({type(e).__name__}); "
+                        f"use WAV or FLAC") from e
+    if data.shape[0] == 0:
+        raise UserError(f"--audio {path}: the file has no samples")
+    return np.clip(data, -1.0, 1.0), int(rate)
+
+
+def bandwidth_fraction(wave: np.ndarray, energy: float = 0.99) -> float:
+    """Fraction of the Nyquist band below which ``energy`` of the spectral energy lies."""
+    spec = np.abs(np.fft.rfft(wave - wave.mean(0), axis=0)) ** 2
+    cum = np.cumsum(spec.sum(1))
+    k = int(np.searchsorted(cum, energy * cum[-1]))
+    return max(k, 1) / max(len(cum) - 1, 1)
+
+
+def omega_for_cells(wave: np.ndarray, samples_per_cell: int) -> float:
+    """omega_0 for sine cells of ``samples_per_cell`` samples.
+
+    A cell's local coordinate spans 2 units over ``N`` samples, so a frequency that is the
+    fraction ``b`` of Nyquist makes ``b N / 2`` cycles there: angular frequency
+    ``pi b N / 2`` in local units. SIREN's first layer reaches frequencies up to about
+    ``omega_0`` (weights in ``[-1/d, 1/d]``, ``d = 1``), so that is the choice, floored at 30.
+    """
+    b = bandwidth_fraction(wave)
+    return max(30.0, math.pi * b * samples_per_cell / 2.0)
+
+
+class AudioProblem(PackedMSEProblem):
+    """Per-cell MSE of a grid of networks against a waveform ``[T, C]``."""
+
+    def __init__(self, wave: np.ndarray, n_cells: int, device="cpu", dtype=torch.float32):
+        t, c = wave.shape
+        if n_cells <= 0 or n_cells > t:
+            raise UserError(f"--cells {n_cells}: must lie in [1, {t}] for {t} samples")
+        self.shape = (t, c)
+        self.grid = CellGrid([0.0], [float(t)], [n_cells])
+        coords = (torch.arange(t, dtype=torch.float64) + 0.5)[:, None]
+        values = torch.as_tensor(wave, dtype=torch.float64)
+        super().__init__(pack_samples(coords, values, self.grid, dtype).to(device),
+                         data_range=2.0)
+
+    @torch.no_grad()
+    def reconstruct(self, model) -> np.ndarray:
+        return self.packed.unpack(self.predict(model).double()).cpu().numpy()
