@@ -166,11 +166,10 @@ class BatchedLBFGS(Optimizer):
         st["status"] = torch.where(stationary, torch.full_like(st["status"], CONVERGED),
                                    st["status"])
         proj = torch.zeros(n, 2 * m, **f64)
-        self._new_direction(grad, proj, first=torch.ones(n, dtype=torch.bool, device=dev),
-                            reset=torch.zeros(n, dtype=torch.bool, device=dev))
+        self._new_direction(grad, proj, reset=torch.zeros(n, dtype=torch.bool, device=dev))
 
-    def _new_direction(self, grad: torch.Tensor, proj: torch.Tensor, first: torch.Tensor,
-                       reset: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
+    def _new_direction(self, grad: torch.Tensor, proj: torch.Tensor, reset: torch.Tensor,
+                       where: Optional[torch.Tensor] = None) -> None:
         """Set ``d``, ``gtd0``, ``proj0`` and a fresh line search for the cells in ``where``
         (all cells if None) from their gradient ``grad [n, p]`` and ``proj = [S;Y] grad``."""
         st, g = self._st, self.defaults
@@ -195,16 +194,15 @@ class BatchedLBFGS(Optimizer):
         dcoef = torch.where(bad[:, None], torch.zeros_like(coef), coef)
         gtd_cell = (grad.double() * d.double()).sum(1)
         f0_line, gtd0 = self._line_values(st["f0"], gtd_cell, separable)
-        # first step of a fresh history: scale so that the step is at most lr in l1 norm
+        # no history (first step, or after a reset): scale the step to at most lr in l1 norm
         gnorm1 = grad.double().abs().sum(1)
         if not separable:
             gnorm1 = gnorm1.sum().reshape(1)
-        first_line = first if separable else first.any().reshape(1)
         no_hist_line = ~st["valid"].any(1)
         if not separable:
             no_hist_line = no_hist_line.all().reshape(1)
         t0 = torch.full_like(gtd0, g["lr"])
-        t0 = torch.where(first_line | no_hist_line,
+        t0 = torch.where(no_hist_line,
                          t0 * torch.clamp(1.0 / gnorm1.clamp(min=1e-300), max=1.0), t0)
         fresh = new_line_state(f0_line, gtd0, t0)
         if where is None:
@@ -351,7 +349,7 @@ class BatchedLBFGS(Optimizer):
                 torch.where(accept.any(), f_new, st["f0"])
             renew = (accept | retry) & (st["status"] == ACTIVE)
             self._new_direction(st["g0"], torch.where(accept[:, None], proj_new, st["proj0"]),
-                                first=torch.zeros_like(accept), reset=retry, where=renew)
+                                reset=retry, where=renew)
         self._set_flat_params(st["x0"])
         return st["f0"].clone()
 
