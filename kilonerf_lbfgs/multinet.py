@@ -104,16 +104,21 @@ class MultiMLP(nn.Module):
                 h = self.act(h)
         return h
 
-    def forward(self, x: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cell: torch.Tensor,
+                max_group: Optional[int] = None) -> torch.Tensor:
         """Ragged evaluation: ``x [M, d_in]`` local coordinates of points in cells ``cell [M]``.
 
-        Points are grouped by cell (a stable sort), padded to the largest group among the
-        cells that have points, evaluated with batched matmuls, and returned in the input
-        order. Cells with no points cost nothing. Returns ``[M, d_out]``.
+        Points are grouped by cell (a stable sort); a cell with more than ``max_group``
+        points is split into several groups that share its weights, so uneven counts (a
+        NeRF cell on a surface next to one that a ray barely grazes) cost at most about
+        twice the points, not ``n_groups x largest count``. The groups are padded,
+        evaluated with batched matmuls, and returned in the input order. Cells with no
+        points cost nothing. ``max_group`` defaults to twice the mean count per non-empty
+        cell (at least 32). Returns ``[M, d_out]``.
         """
         if x.shape[0] == 0:
             return x.new_zeros(0, self.d_out)
-        packed = pack_by_cell(cell, self.n_cells)
+        packed = pack_by_cell(cell, self.n_cells, max_group=max_group)
         xp = x.new_zeros(packed.n_groups, packed.width, x.shape[1])
         xp[packed.group, packed.slot] = x[packed.order]
         out_p = self.forward_dense(xp, packed.cells)
@@ -158,8 +163,14 @@ class CellPacking:
         return int(self.cells.numel())
 
 
-def pack_by_cell(cell: torch.Tensor, n_cells: int) -> CellPacking:
-    """Group points by cell id ``cell [M]`` (all ids in ``[0, n_cells)``)."""
+def pack_by_cell(cell: torch.Tensor, n_cells: int,
+                 max_group: Optional[int] = None) -> CellPacking:
+    """Group points by cell id ``cell [M]`` (all ids in ``[0, n_cells)``).
+
+    With ``max_group`` (``None``: twice the mean count per non-empty cell, at least 32;
+    ``0``: no limit) a cell's points are split into consecutive groups of at most that
+    many points, each group naming the cell (``cells`` may then repeat an id).
+    """
     if cell.numel() and (int(cell.min()) < 0 or int(cell.max()) >= n_cells):
         raise ValueError(f"cell ids must lie in [0, {n_cells}); got "
                          f"{int(cell.min())}..{int(cell.max())}")
@@ -167,10 +178,21 @@ def pack_by_cell(cell: torch.Tensor, n_cells: int) -> CellPacking:
     counts_all = torch.bincount(cell, minlength=n_cells)
     cells = torch.nonzero(counts_all, as_tuple=False).flatten()
     counts = counts_all[cells]
-    group_of_cell = torch.full((n_cells,), -1, dtype=torch.long, device=cell.device)
-    group_of_cell[cells] = torch.arange(cells.numel(), device=cell.device)
-    group = group_of_cell[sorted_cell]
+    if max_group is None:
+        max_group = max(32, -(-2 * cell.numel() // max(cells.numel(), 1)))
+    if max_group <= 0:
+        max_group = int(counts.max()) if counts.numel() else 1
+    # split each cell into ceil(count / max_group) groups
+    n_split = (counts + max_group - 1) // max_group
+    first_group = torch.cumsum(n_split, 0) - n_split
+    rank_of_cell = torch.full((n_cells,), -1, dtype=torch.long, device=cell.device)
+    rank_of_cell[cells] = torch.arange(cells.numel(), device=cell.device)
+    rank = rank_of_cell[sorted_cell]
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(cell.numel(), device=cell.device) - starts[group]
-    width = int(counts.max()) if counts.numel() else 0
-    return CellPacking(order, group, slot, cells, counts, width)
+    pos = torch.arange(cell.numel(), device=cell.device) - starts[rank]
+    group = first_group[rank] + pos // max_group
+    slot = pos % max_group
+    group_cells = torch.repeat_interleave(cells, n_split)
+    group_counts = torch.bincount(group, minlength=int(n_split.sum()))
+    width = int(group_counts.max()) if group_counts.numel() else 0
+    return CellPacking(order, group, slot, group_cells, group_counts, width)

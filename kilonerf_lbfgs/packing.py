@@ -72,7 +72,7 @@ def pack_samples(coords: torch.Tensor, values: torch.Tensor, grid: CellGrid,
         raise ValueError("pack_samples: coords and values must have the same number of rows")
     cell = grid.cell_of(coords)
     local = grid.to_local(coords.to(torch.float64), cell).to(dtype)
-    packing = pack_by_cell(cell, grid.n_cells)
+    packing = pack_by_cell(cell, grid.n_cells, max_group=0)
     n, width = grid.n_cells, packing.width
     group_cells = packing.cells[packing.group]          # cell id of each sorted sample
     x = torch.zeros(n, width, coords.shape[1], dtype=dtype)

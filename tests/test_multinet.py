@@ -116,13 +116,38 @@ def test_ragged_forward_rejects_bad_cell_ids():
 
 def test_pack_by_cell_layout():
     cell = torch.tensor([3, 0, 3, 3, 1, 0, 3])
-    pk = pack_by_cell(cell, 5)
+    pk = pack_by_cell(cell, 5, max_group=0)
     assert pk.cells.tolist() == [0, 1, 3]
     assert pk.counts.tolist() == [2, 1, 4] and pk.width == 4 and pk.n_groups == 3
     # stable: within a cell, points keep their input order
     assert pk.order.tolist() == [1, 5, 4, 0, 2, 3, 6]
     assert torch.equal(pk.cells[pk.group], cell[pk.order])
     assert pk.slot.tolist() == [0, 1, 0, 0, 1, 2, 3]
+
+
+def test_pack_by_cell_splits_large_cells():
+    cell = torch.tensor([3, 0, 3, 3, 1, 0, 3, 3])
+    pk = pack_by_cell(cell, 5, max_group=2)
+    # cell 3 has 5 points -> groups of 2, 2, 1; the others fit in one group
+    assert pk.cells.tolist() == [0, 1, 3, 3, 3]
+    assert pk.counts.tolist() == [2, 1, 2, 2, 1] and pk.width == 2
+    assert torch.equal(pk.cells[pk.group], cell[pk.order])
+    assert int(pk.slot.max()) < 2
+    # every point lands in exactly one (group, slot)
+    keys = pk.group * pk.width + pk.slot
+    assert keys.unique().numel() == cell.numel()
+
+
+@pytest.mark.parametrize("max_group", [None, 0, 1, 3])
+def test_ragged_forward_split_groups_match_per_cell(max_group):
+    model = make_model("sine", n_cells=4)
+    gen = torch.Generator().manual_seed(5)
+    cell = torch.tensor([2] * 9 + [0, 3, 3])
+    x = torch.rand(cell.numel(), model.d_in, generator=gen, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        out = model(x, cell, max_group=max_group)
+        ref = torch.cat([model.cell_module(int(c))(x[i:i + 1]) for i, c in enumerate(cell)])
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("activation", ACTS)
