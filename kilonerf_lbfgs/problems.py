@@ -18,15 +18,20 @@ class PackedMSEProblem(CellProblem):
         packed: the samples, grouped by cell.
         cells: optional ``[k]`` long: the problem covers only these cells of the model
             (``packed`` then holds just their samples, in this order).
+        chunk_cells: if set, :meth:`loss_and_backward` runs forward and backward over
+            ``chunk_cells`` cells at a time, so the autograd tape never holds more than one
+            chunk's activations (memory bounded for long signals such as video); the losses
+            and gradients are the same as in one pass.
     """
 
     quality_name = "psnr"
 
     def __init__(self, packed: PackedSamples, data_range: float = 1.0,
-                 cells: Optional[torch.Tensor] = None):
+                 cells: Optional[torch.Tensor] = None, chunk_cells: Optional[int] = None):
         self.packed = packed
         self.data_range = data_range
         self.cells = cells
+        self.chunk_cells = chunk_cells
         x = packed.x
         # equal cells see the same local coordinates: evaluate them as one shared set
         self.x_eval = x[:1] if packed.mask is None and bool((x == x[:1]).all()) else x
@@ -40,7 +45,32 @@ class PackedMSEProblem(CellProblem):
         return model.forward_dense(self.x_eval, self.cells)
 
     def cell_losses(self, model) -> torch.Tensor:
-        return per_cell_mse(self.predict(model), self.packed)
+        if self.chunk_cells is None or self.chunk_cells >= self.n_cells:
+            return per_cell_mse(self.predict(model), self.packed)
+        return torch.cat([self._chunk_losses(model, rows) for rows in self._chunks()])
+
+    def _chunks(self):
+        """Row ranges ``[k]`` (long) of at most ``chunk_cells`` cells each."""
+        dev = self.packed.x.device
+        for start in range(0, self.n_cells, self.chunk_cells):
+            yield torch.arange(start, min(start + self.chunk_cells, self.n_cells), device=dev)
+
+    def _chunk_losses(self, model, rows: torch.Tensor) -> torch.Tensor:
+        """Per-cell MSE ``[k]`` of the problem's rows ``rows [k]``."""
+        sub = self.packed.select(rows)
+        x = self.x_eval if self.x_eval.shape[0] == 1 else sub.x
+        cells = rows if self.cells is None else self.cells[rows]
+        return per_cell_mse(model.forward_dense(x, cells), sub)
+
+    def loss_and_backward(self, model) -> torch.Tensor:
+        if self.chunk_cells is None or self.chunk_cells >= self.n_cells:
+            return super().loss_and_backward(model)
+        out = []
+        for rows in self._chunks():          # one chunk's tape at a time
+            losses = self._chunk_losses(model, rows)
+            losses.sum().backward()
+            out.append(losses.detach())
+        return torch.cat(out)
 
     def quality(self, cell_losses: torch.Tensor) -> float:
         return psnr_from_mse(global_mse(cell_losses.double(), self.packed), self.data_range)
@@ -48,4 +78,5 @@ class PackedMSEProblem(CellProblem):
     def subset(self, cells: torch.Tensor) -> "PackedMSEProblem":
         """The same problem restricted to ``cells``, for a model that holds only those cells
         (row ``i`` of the result belongs to the model's cell ``i``)."""
-        return PackedMSEProblem(self.packed.select(cells), self.data_range)
+        return PackedMSEProblem(self.packed.select(cells), self.data_range,
+                                chunk_cells=self.chunk_cells)
