@@ -15,12 +15,22 @@ from .io import UserError, load_checkpoint, plot_convergence, save_json
 from .multinet import MultiMLP
 
 
-def add_model_args(parser, width: int = 32, depth: int = 3) -> None:
+def _float_or_auto(value: str):
+    return "auto" if value == "auto" else float(value)
+
+
+def add_model_args(parser, width: int = 32, depth: int = 3, omega_0=30.0) -> None:
+    """Network options; ``omega_0="auto"`` lets ``--omega_0`` also take ``auto`` (the
+    script then picks it from the signal)."""
     parser.add_argument("--width", type=int, default=width, help="hidden width per cell")
     parser.add_argument("--depth", type=int, default=depth, help="hidden layers per cell")
     parser.add_argument("--activation", default="sine",
                         help=f"one of {', '.join(ACTIVATIONS)}")
-    parser.add_argument("--omega_0", type=float, default=30.0, help="sine frequency")
+    if omega_0 == "auto":
+        parser.add_argument("--omega_0", type=_float_or_auto, default="auto",
+                            help="sine frequency, or auto (chosen from the signal)")
+    else:
+        parser.add_argument("--omega_0", type=float, default=omega_0, help="sine frequency")
     parser.add_argument("--sigma", type=float, default=0.1, help="Gaussian width")
     parser.add_argument("--pe_freqs", type=int, default=5, help="relu_pe octaves")
 

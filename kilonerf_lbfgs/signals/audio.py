@@ -84,3 +84,33 @@ class AudioProblem(PackedMSEProblem):
     @torch.no_grad()
     def reconstruct(self, model) -> np.ndarray:
         return self.packed.unpack(self.predict(model).double()).cpu().numpy()
+
+
+def save_wav(path: str, wave: np.ndarray, rate: int) -> None:
+    """Write ``[T, C]`` amplitudes (clipped to [-1, 1]) as 32-bit float WAV at ``rate``."""
+    import soundfile as sf
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sf.write(path, np.clip(wave, -1.0, 1.0).astype(np.float32), int(rate), subtype="FLOAT")
+
+
+def save_waveform_plot(path: str, target: np.ndarray, recon: np.ndarray, rate: int) -> None:
+    """PNG: target and reconstruction (channel 0) on top, the error below, against seconds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.arange(target.shape[0]) / rate
+    fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(8, 4.5), dpi=110, sharex=True)
+    ax0.plot(t, target[:, 0], lw=0.4, label="target")
+    ax0.plot(t, recon[:, 0], lw=0.4, alpha=0.7, label="reconstruction")
+    ax0.set_ylabel("amplitude")
+    ax0.legend(fontsize=7, loc="upper right")
+    ax1.plot(t, recon[:, 0] - target[:, 0], lw=0.4, color="C3")
+    ax1.set_ylabel("error")
+    ax1.set_xlabel("seconds")
+    for ax in (ax0, ax1):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
