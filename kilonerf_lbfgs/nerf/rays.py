@@ -1,0 +1,126 @@
+"""Camera rays in the OpenGL / Blender convention, and camera paths.
+
+A camera-to-world pose ``[4, 4]`` maps camera coordinates to the world: the camera looks down
+its own ``-z`` axis, ``+x`` points right in the image and ``+y`` points up. Pixel ``(row r,
+column c)`` has its centre at ``(x, y) = (c + 0.5, r + 0.5)`` in pixel units, and the camera
+direction through image point ``(x, y)`` is ``((x - cx) / fx, -(y - cy) / fy, -1)``: the image
+centre ``(cx, cy) = (W / 2, H / 2)`` looks exactly along the camera's ``-z`` axis, image rows go
+downwards (hence the minus on y). Rays are ordered row-major (row, then column), the order of
+``images.reshape(N, H * W, 3)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+
+def _directions(poses: torch.Tensor, intrinsics: torch.Tensor,
+                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unit world directions ``[..., 3]`` through image points ``x, y [...]``.
+
+    ``poses [..., 4, 4]`` and ``intrinsics [..., 4]`` broadcast against ``x`` and ``y``.
+    """
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    u, v = torch.broadcast_tensors((x - cx) / fx, -(y - cy) / fy)
+    d_cam = torch.stack([u, v, -torch.ones_like(u)], -1)
+    d = (poses[..., :3, :3] @ d_cam.unsqueeze(-1)).squeeze(-1)
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def camera_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rays through every pixel centre of ``N`` cameras.
+
+    Args:
+        poses: ``[N, 4, 4]`` (or ``[4, 4]``) camera-to-world matrices (``[N, 3, 4]`` also works).
+        intrinsics: ``[N, 4]`` (or ``[4]``, shared by all cameras) ``(fx, fy, cx, cy)`` in
+            pixels at resolution ``H x W``.
+        H, W: image height and width in pixels.
+
+    Returns:
+        ``(origins, directions)``, each ``[N, H * W, 3]`` (``[H * W, 3]`` for a single pose),
+        in the dtype and on the device of ``poses``; directions have unit norm.
+    """
+    single = poses.dim() == 2
+    P = poses.unsqueeze(0) if single else poses
+    K = torch.as_tensor(intrinsics, dtype=P.dtype, device=P.device)
+    K = K.expand(P.shape[0], 4) if K.dim() == 1 else K
+    if K.shape != (P.shape[0], 4):
+        raise ValueError(f"camera_rays: intrinsics {tuple(K.shape)} do not match "
+                         f"{P.shape[0]} poses")
+    rows = torch.arange(H, dtype=P.dtype, device=P.device) + 0.5
+    cols = torch.arange(W, dtype=P.dtype, device=P.device) + 0.5
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")
+    x, y = xx.reshape(1, -1), yy.reshape(1, -1)                      # [1, H*W]
+    dirs = _directions(P[:, None], K[:, None], x, y)                 # [N, H*W, 3]
+    origins = P[:, None, :3, 3].expand_as(dirs)
+    if single:
+        return origins[0], dirs[0]
+    return origins, dirs
+
+
+def rays_at_pixels(poses: torch.Tensor, intrinsics: torch.Tensor, image: torch.Tensor,
+                   row: torch.Tensor, col: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rays through chosen pixel centres (random ray batches), the same rays as ``camera_rays``.
+
+    Args:
+        poses: ``[N, 4, 4]``; intrinsics: ``[N, 4]``.
+        image, row, col: ``[M]`` long indices (camera, pixel row, pixel column).
+
+    Returns:
+        ``(origins, directions)``, each ``[M, 3]``.
+    """
+    P, K = poses[image], intrinsics[image].to(poses.dtype)
+    dirs = _directions(P, K, col.to(P.dtype) + 0.5, row.to(P.dtype) + 0.5)
+    return P[:, :3, 3].expand_as(dirs), dirs
+
+
+def look_at(eye: Sequence[float], center: Sequence[float] = (0.0, 0.0, 0.0),
+            up: Sequence[float] = (0.0, 0.0, 1.0), dtype=torch.float32) -> torch.Tensor:
+    """``[4, 4]`` camera-to-world pose at ``eye`` whose ``-z`` axis points at ``center`` and
+    whose ``+y`` axis is as close to ``up`` as possible (another up is used when looking
+    straight along ``up``)."""
+    eye_t = torch.as_tensor(eye, dtype=torch.float64)
+    fwd = torch.as_tensor(center, dtype=torch.float64) - eye_t
+    if float(fwd.norm()) == 0.0:
+        raise ValueError("look_at: eye and center coincide")
+    fwd = fwd / fwd.norm()
+    up_t = torch.as_tensor(up, dtype=torch.float64)
+    right = torch.linalg.cross(fwd, up_t)
+    if float(right.norm()) < 1e-9 * max(float(up_t.norm()), 1e-30):
+        right = torch.linalg.cross(fwd, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+        if float(right.norm()) < 1e-9:
+            right = torch.linalg.cross(fwd, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    right = right / right.norm()
+    cam_up = torch.linalg.cross(right, fwd)
+    pose = torch.eye(4, dtype=torch.float64)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, cam_up, -fwd, eye_t
+    return pose.to(dtype)
+
+
+def sphere_position(radius: float, azimuth_rad: float, elevation_rad: float,
+                    center: Sequence[float] = (0.0, 0.0, 0.0)) -> Tuple[float, float, float]:
+    """Point at ``radius`` from ``center``; azimuth about the world z axis (from +x towards
+    +y), elevation above the xy plane."""
+    ce = math.cos(elevation_rad)
+    return (center[0] + radius * ce * math.cos(azimuth_rad),
+            center[1] + radius * ce * math.sin(azimuth_rad),
+            center[2] + radius * math.sin(elevation_rad))
+
+
+def orbit_poses(n_frames: int, radius: float = 4.0, elevation_deg: float = 30.0,
+                center: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+    """``[n_frames, 4, 4]`` float32 cameras evenly spaced on a circle about the world z axis
+    (the Blender world is z-up), ``elevation_deg`` above the horizontal plane through
+    ``center``, all looking at ``center`` with camera ``+y`` towards world ``+z``. Frame ``k``
+    sits at azimuth ``360 k / n_frames`` degrees (the circle is not closed: frame 0 is not
+    repeated, so the frames loop seamlessly)."""
+    if n_frames < 1:
+        raise ValueError(f"orbit_poses: n_frames must be positive, got {n_frames}")
+    el = math.radians(elevation_deg)
+    poses = [look_at(sphere_position(radius, 2.0 * math.pi * k / n_frames, el, center), center)
+             for k in range(n_frames)]
+    return torch.stack(poses)
