@@ -52,7 +52,7 @@ def extract_mesh(volume: np.ndarray, level: float, inside_is_low: bool):
     r = volume.shape[0]
     if not (volume.min() < level < volume.max()):
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64))
-    gradient = "ascent" if inside_is_low else "descent"
+    gradient = "descent" if inside_is_low else "ascent"
     v, f, _, _ = marching_cubes(volume, level, spacing=(1.0 / (r - 1),) * 3,
                                 gradient_direction=gradient)
     return trimesh.Trimesh(v, f, process=True)
