@@ -53,3 +53,24 @@ def tinycudann_available() -> bool:
     except Exception:  # noqa: BLE001 - ImportError, OSError/EnvironmentError
         return False
     return True
+
+
+def nerf_backend(name: str = "auto", device=None) -> str:
+    """Ray-marching / volume-rendering backend for rays on ``device``: ``"torch"`` or ``"nerfacc"``.
+
+    ``auto`` picks nerfacc only for a CUDA device with nerfacc importable (see
+    :func:`nerfacc_available`), else the pure-PyTorch path; ``nerfacc`` asked for where it cannot
+    run is one clear error.
+    """
+    dev = torch.device(device) if device is not None else resolve_device("auto")
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        return "nerfacc" if dev.type == "cuda" and nerfacc_available() else "torch"
+    if name == "nerfacc":
+        if dev.type != "cuda" or not nerfacc_available():
+            raise UserError(f"backend nerfacc: needs a CUDA device and an importable nerfacc "
+                            f"(device {dev}, CUDA available: {torch.cuda.is_available()}); "
+                            f"use backend torch or auto")
+        return "nerfacc"
+    raise UserError(f"backend {name}: choose auto, torch or nerfacc")
