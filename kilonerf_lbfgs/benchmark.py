@@ -215,6 +215,7 @@ def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dic
             if name in results:
                 gains[name] = mine - results[name]["median_psnr_at_budget"]
     return {"targets": list(race.targets), "seeds": list(race.seeds),
+            "quality_name": getattr(race.problem, "quality_name", "psnr"),
             "budget_seconds": budget,
             "results": list(results.values()),
             "rival_median_seconds_to_target": rival_time,
@@ -225,9 +226,12 @@ def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dic
 def format_tables(report: Dict) -> str:
     """Plain-text tables: median seconds to each target and PSNR at budget; ratios."""
     targets = [str(t) for t in report["targets"]]
+    q = report.get("quality_name", "psnr")
+    unit = " dB" if q == "psnr" else ""
+    qlabel = "PSNR at end (dB)" if q == "psnr" else f"{q.upper()} at end"
     lines = []
-    head = f"| contender | " + " | ".join(f"s to {t} dB" for t in targets) + \
-        " | PSNR at end (dB) | evals |"
+    head = f"| contender | " + " | ".join(f"s to {t}{unit}" for t in targets) + \
+        f" | {qlabel} | evals |"
     lines += [head, "|" + "---|" * (len(targets) + 3)]
     for r in report["results"]:
         cells = []
@@ -239,11 +243,12 @@ def format_tables(report: Dict) -> str:
                          f"{v:.1f}" + ("" if n_hit == n else f" ({n_hit}/{n})"))
         evals = int(statistics.median(r["function_evals"]))
         lines.append(f"| {r['contender']} | " + " | ".join(cells) +
-                     f" | {r['median_psnr_at_budget']:.2f} | {evals} |")
+                     f" | {r['median_psnr_at_budget']:.{2 if q == 'psnr' else 4}f} | {evals} |")
     lines.append("")
     rivals = [k for k in RIVALS if any(k in report["ratios"][t] for t in targets)]
-    lines += ["| speed-up of batched_lbfgs over | " + " | ".join(f"{t} dB" for t in targets) +
-              " | PSNR gain at end (dB) |", "|" + "---|" * (len(targets) + 2)]
+    gain = "PSNR gain at end (dB)" if q == "psnr" else f"{q.upper()} gain at end"
+    lines += ["| speed-up of batched_lbfgs over | " + " | ".join(f"{t}{unit}" for t in targets) +
+              f" | {gain} |", "|" + "---|" * (len(targets) + 2)]
     for rival in rivals:
         cells = []
         for t in targets:
@@ -252,5 +257,5 @@ def format_tables(report: Dict) -> str:
             cells.append("n/a" if v is None else (">" if lb else "") + f"{v:.2f}x")
         g = report["psnr_gain_at_budget"].get(rival)
         lines.append(f"| {rival} | " + " | ".join(cells) + " | " +
-                     ("" if g is None else f"{g:+.2f}") + " |")
+                     ("" if g is None else f"{g:+.{2 if q == 'psnr' else 4}f}") + " |")
     return "\n".join(lines)

@@ -1,13 +1,23 @@
-"""The races the README reports, as data: which signal, grid, network, targets, budget."""
+"""The races the README reports, as data: which signal, grid, network, targets, budget.
+
+``MODALITIES`` maps a modality to its race builder
+``build(preset, quick, seeds, budget=None, data=None) -> Race`` (``data``: a path that
+replaces the preset's signal); ``PRESETS`` lists each modality's presets, the first being the
+default. A new modality adds one builder and one preset table.
+"""
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+import math
+import os
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from .benchmark import Race
+from .config import REPO_ROOT
+from .io import UserError
 from .multinet import MultiMLP
 from .signals.image import ImageProblem, center_crop, load_image
 
-MODALITIES = ("image",)
+SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 IMAGE_PRESETS = {
     # more parameters than samples: the paper's reconstruction regime
@@ -18,29 +28,124 @@ IMAGE_PRESETS = {
                         budget=120.0, quick=dict(crop=256, grid=(8, 8), budget=60.0)),
 }
 
+AUDIO_PRESETS = {
+    # 7 s of Bach at 44.1 kHz, 301 cells of 1024 samples, sine 2x32 (1153 parameters per cell:
+    # about one per sample), omega_0 from the bandwidth; quick: the first 2 s (87 cells)
+    "bach": dict(audio=os.path.join(SHARED_DATA, "audio", "gt_bach.wav"), seconds=None,
+                 samples_per_cell=1024, width=32, depth=2, targets=(30, 40, 50),
+                 budget=120.0, quick=dict(seconds=2.0, budget=20.0)),
+}
+
+VIDEO_PRESETS = {
+    # first 32 frames of bikes at half resolution (320x136), cells of 8 frames x 17x20 px
+    "bikes": dict(video=os.path.join(SHARED_DATA, "video", "bikes.mp4"), frames=32,
+                  resize=(0.5,), grid=(4, 8, 16), width=32, depth=3, targets=(25, 30),
+                  budget=300.0,
+                  quick=dict(frames=8, resize=(0.25,), grid=(2, 4, 8), budget=30.0)),
+}
+
+SHAPE_PRESETS = {
+    # armadillo occupancy, 4x4x4 cells, sine 3x32 (omega_0 10); IoU on held-out uniform points
+    "armadillo": dict(mesh=os.path.join(SHARED_DATA, "meshes", "armadillo.obj"),
+                      target="occupancy", grid=(4, 4, 4), points=100_000, eval_points=50_000,
+                      width=32, depth=3, omega_0=10.0, targets=(0.95, 0.97), budget=120.0,
+                      quick=dict(points=50_000, budget=30.0)),
+}
+
+
+def _model_factory(n_cells: int, d_in: int, d_out: int, width: int = 32, depth: int = 3,
+                   activation: str = "sine", omega_0: float = 30.0):
+    def make(seed: int) -> MultiMLP:
+        import torch
+        return MultiMLP(n_cells, d_in, d_out, width, depth, activation, omega_0=omega_0,
+                        generator=torch.Generator().manual_seed(1000 + seed))
+    return make
+
 
 def _image_model_factory(n_cells: int, channels: int, width: int = 32, depth: int = 3,
                          activation: str = "sine"):
-    def make(seed: int) -> MultiMLP:
-        import torch
-        return MultiMLP(n_cells, 2, channels, width, depth, activation,
-                        generator=torch.Generator().manual_seed(1000 + seed))
-    return make
+    return _model_factory(n_cells, 2, channels, width, depth, activation)
+
+
+def _spec(presets: Dict, preset: Optional[str], quick: bool) -> Dict:
+    spec = dict(presets[preset or next(iter(presets))])
+    if quick:
+        spec.update(spec["quick"])
+    return spec
+
+
+def _data_path(path: str, option: str) -> str:
+    if not os.path.exists(path):
+        raise UserError(f"{option} {path}: no such file; get the shared data (see "
+                        f"../shared/data/README.md) or pass {option} PATH")
+    return path
 
 
 def image_race(preset: str, quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, image: Optional[str] = None) -> Race:
     """The preset's race; ``image`` swaps in another picture (same crop, grid, network,
     targets), to check a result on data the preset was not chosen for."""
-    spec = dict(IMAGE_PRESETS[preset])
-    if quick:
-        spec.update(spec["quick"])
+    spec = _spec(IMAGE_PRESETS, preset, quick)
     img = load_image(image or spec["image"])
     if spec["crop"]:
         img = center_crop(img, spec["crop"])
     problem = ImageProblem(img, spec["grid"])
     return Race(problem, _image_model_factory(problem.n_cells, img.shape[2]),
                 targets=spec["targets"], budget=budget or spec["budget"], seeds=seeds)
+
+
+def audio_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
+               budget: Optional[float] = None, data: Optional[str] = None) -> Race:
+    from .signals.audio import AudioProblem, load_audio, omega_for_cells
+    spec = _spec(AUDIO_PRESETS, preset, quick)
+    wave, rate = load_audio(_data_path(data or spec["audio"], "--audio"))
+    if spec["seconds"]:
+        wave = wave[:int(spec["seconds"] * rate)]
+    n_cells = max(1, math.ceil(wave.shape[0] / spec["samples_per_cell"]))
+    omega = omega_for_cells(wave, wave.shape[0] / n_cells)
+    problem = AudioProblem(wave, n_cells)
+    return Race(problem, _model_factory(n_cells, 1, wave.shape[1], spec["width"],
+                                        spec["depth"], omega_0=omega),
+                targets=spec["targets"], budget=budget or spec["budget"], seeds=seeds)
+
+
+def video_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
+               budget: Optional[float] = None, data: Optional[str] = None) -> Race:
+    from .signals.video import VideoProblem, load_video
+    spec = _spec(VIDEO_PRESETS, preset, quick)
+    clip = load_video(_data_path(data or spec["video"], "--video"), spec["frames"],
+                      spec["resize"])
+    problem = VideoProblem(clip, spec["grid"], chunk_cells=64)
+    return Race(problem, _model_factory(problem.n_cells, 3, clip.shape[3], spec["width"],
+                                        spec["depth"]),
+                targets=spec["targets"], budget=budget or spec["budget"], seeds=seeds)
+
+
+def shape_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
+               budget: Optional[float] = None, data: Optional[str] = None) -> Race:
+    from .signals.shape import load_mesh, make_shape_problem, normalize_mesh
+    spec = _spec(SHAPE_PRESETS, preset, quick)
+    path = _data_path(data or spec["mesh"], "--mesh")
+    mesh = normalize_mesh(load_mesh(path))
+    problem = make_shape_problem(mesh, spec["grid"], spec["target"], spec["points"],
+                                 spec["eval_points"], source=f"--mesh {path}")
+    return Race(problem, _model_factory(problem.n_cells, 3, 1, spec["width"], spec["depth"],
+                                        omega_0=spec["omega_0"]),
+                targets=spec["targets"], budget=budget or spec["budget"], seeds=seeds)
+
+
+MODALITIES: Dict[str, Callable[..., Race]] = {
+    "image": lambda preset, quick, seeds, budget=None, data=None:
+        image_race(preset or "fidelity", quick, seeds, budget, data),
+    "audio": audio_race,
+    "video": video_race,
+    "shape": shape_race,
+}
+
+PRESETS: Dict[str, Sequence[str]] = {
+    "image": tuple(IMAGE_PRESETS), "audio": tuple(AUDIO_PRESETS),
+    "video": tuple(VIDEO_PRESETS), "shape": tuple(SHAPE_PRESETS),
+}
 
 
 def study_races(study: str, quick: bool, seeds: Sequence[int],

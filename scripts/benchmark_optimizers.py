@@ -4,6 +4,9 @@
     python scripts/benchmark_optimizers.py --modality image --preset fidelity --out bench/fidelity.json [--quick]
     python scripts/benchmark_optimizers.py --modality image --study activations --out bench/activations.json
     python scripts/benchmark_optimizers.py --modality image --study width --out bench/width.json
+    python scripts/benchmark_optimizers.py --modality audio|video|shape [--quick]   # real data
+        (--audio/--video/--mesh PATH replace ../shared/data/{audio/gt_bach.wav,
+         video/bikes.mp4,meshes/armadillo.obj})
 """
 import os
 
@@ -11,7 +14,7 @@ import configargparse
 import torch
 
 from kilonerf_lbfgs.benchmark import Race, _adam_rank_key, format_tables, run_race
-from kilonerf_lbfgs.benchmark_presets import MODALITIES, image_race, study_races
+from kilonerf_lbfgs.benchmark_presets import MODALITIES, PRESETS, study_races
 from kilonerf_lbfgs.config import parse_args, run_main
 from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
 
@@ -19,8 +22,10 @@ from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
 def main():
     p = configargparse.ArgumentParser(description=__doc__,
                                       formatter_class=configargparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modality", default="image", choices=MODALITIES)
-    p.add_argument("--preset", default="fidelity", choices=["fidelity", "compression"])
+    p.add_argument("--modality", default="image", choices=list(MODALITIES))
+    p.add_argument("--preset", default=None,
+                   help="the modality's preset (default: its first): " +
+                   "; ".join(f"{m}: {', '.join(v)}" for m, v in PRESETS.items()))
     p.add_argument("--study", default=None, choices=["activations", "width"],
                    help="the paper's claims: L-BFGS vs best Adam across activations or widths")
     p.add_argument("--quick", action="store_true", help="shorter budgets, one seed")
@@ -30,10 +35,19 @@ def main():
                    help="subset: batched_lbfgs adam torch_lbfgs_joint torch_lbfgs_per_cell")
     p.add_argument("--image", default=None,
                    help="replace the preset's image (same crop, grid and targets)")
+    for name in ("audio", "video", "mesh"):
+        p.add_argument(f"--{name}", default=None,
+                       help=f"replace the preset's {name} file (default: ../shared/data)")
     p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
     args = parse_args(p)
+    preset = args.preset or PRESETS[args.modality][0]
+    if preset not in PRESETS[args.modality]:
+        raise UserError(f"--preset {preset}: not a {args.modality} preset; choose one of "
+                        f"{', '.join(PRESETS[args.modality])}")
+    data = {"image": args.image, "audio": args.audio, "video": args.video,
+            "shape": args.mesh}.get(args.modality)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    out = args.out or os.path.join("bench", f"{args.modality}_{args.study or args.preset}"
+    out = args.out or os.path.join("bench", f"{args.modality}_{args.study or preset}"
                                    f"{'_quick' if args.quick else ''}.json")
     meta = {"modality": args.modality, "device": "cpu", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "quick": args.quick}
@@ -54,18 +68,17 @@ def main():
                          title=f"{args.study} study (seed 0)")
         print(study_table(report))
     else:
-        race: Race = image_race(args.preset, args.quick, seeds, args.budget, args.image) \
-            if args.modality == "image" else None
-        if race is None:
-            raise UserError(f"--modality {args.modality}: not available yet")
-        print(f"== {args.modality} {args.preset}{' (quick)' if args.quick else ''}: "
+        race: Race = MODALITIES[args.modality](preset, args.quick, seeds, args.budget, data)
+        print(f"== {args.modality} {preset}{' (quick)' if args.quick else ''}: "
               f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
-        report = {**meta, "preset": args.preset, "image": args.image,
+        report = {**meta, "preset": preset, "data": data,
+                  **({"image": args.image} if args.modality == "image" else {}),
                   **run_race(race, args.contenders)}
         save_json(out, report)
         curves = {e["contender"]: e["histories"][0] for e in report["results"]}
         plot_convergence(out.replace(".json", ".png"), curves, targets=race.targets,
-                         title=f"{args.modality} {args.preset} (seed {seeds[0]})")
+                         ylabel=report["quality_name"],
+                         title=f"{args.modality} {preset} (seed {seeds[0]})")
         print(format_tables(report))
     print(f"wrote {out}")
 

@@ -34,7 +34,8 @@ def main():
     device = setup_run(args)
     mesh = normalize_mesh(load_mesh(args.mesh))
     problem = make_shape_problem(mesh, args.grid, args.target, args.points, args.eval_points,
-                                 args.near_fraction, args.near_sigma, args.seed, device)
+                                 args.near_fraction, args.near_sigma, args.seed, device,
+                                 source=f"--mesh {args.mesh or 'torus knot'}")
     model = make_model(args, problem.n_cells, 3, 1, device)
     print(f"mesh {len(mesh.vertices)} vertices, {len(mesh.faces)} faces; {args.target}, "
           f"{problem.n_cells} cells, {model.params_per_cell} parameters per cell, "

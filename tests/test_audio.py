@@ -1,11 +1,16 @@
 """The audio adapter: round trip, omega_0 rule, and a small end-to-end fit."""
+import json
+import os
+
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
 from kilonerf_lbfgs.fitting import FitConfig, fit
 from kilonerf_lbfgs.metrics import snr_db
 from kilonerf_lbfgs.multinet import MultiMLP
+from conftest import SHARED_DATA
 from kilonerf_lbfgs.signals.audio import (AudioProblem, bandwidth_fraction, load_audio,
                                           omega_for_cells, synth_audio)
 
@@ -46,3 +51,36 @@ def test_small_audio_fit_reaches_stated_snr():
                                      progress=False))
     assert res.reached_target, res.quality
     assert snr_db(prob.reconstruct(model), wave) > 30.0
+
+
+def test_stereo_wav_at_another_rate_round_trips(tmp_path):
+    wave = np.concatenate([synth_audio(0.05, 11025), -synth_audio(0.05, 11025)], 1)
+    sf.write(tmp_path / "s.flac", wave, 11025)
+    got, rate = load_audio(str(tmp_path / "s.flac"))
+    assert rate == 11025 and got.shape == wave.shape
+    prob = AudioProblem(got, 5)
+    back = prob.packed.unpack(prob.packed.y.double()).numpy()
+    np.testing.assert_array_equal(back, got)
+
+
+def test_fit_audio_script_outputs(script, tmp_path):
+    """A stereo 22.05 kHz file in, a WAV at the same rate and channel count out."""
+    wave = np.concatenate([synth_audio(0.1, 22050)] * 2, 1)
+    sf.write(tmp_path / "in.wav", wave, 22050, subtype="PCM_16")
+    out = tmp_path / "run"
+    r = script("fit_audio.py", "--audio", tmp_path / "in.wav", "--samples_per_cell", 128,
+               "--width", 16, "--max_seconds", 2, "--out_dir", out, "--no_progress")
+    assert r.returncode == 0, r.stderr
+    for f in ("metrics.json", "reconstruction.wav", "waveform.png", "checkpoint.pt"):
+        assert os.path.isfile(out / f), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["modality"] == "audio" and m["psnr"] > 20 and "snr_db" in m
+    assert m["omega_0"] >= 30
+    rec, rate = sf.read(out / "reconstruction.wav", always_2d=True)
+    assert rate == 22050 and rec.shape == wave.shape
+
+
+@pytest.mark.realdata
+def test_real_recording_loads():
+    wave, rate = load_audio(os.path.join(SHARED_DATA, "audio", "gt_bach.wav"))
+    assert rate == 44100 and wave.shape[1] == 1 and wave.shape[0] > 44100

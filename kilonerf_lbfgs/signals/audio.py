@@ -18,6 +18,8 @@ from ..io import UserError
 from ..packing import pack_samples
 from ..problems import PackedMSEProblem
 
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".aif", ".aiff")
+
 
 def synth_audio(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
     """The bundled default: an A-major chord with vibrato and a decaying click, ``[T, 1]``."""
@@ -36,6 +38,10 @@ def load_audio(path: Optional[str] = None) -> Tuple[np.ndarray, int]:
         return synth_audio(), 16000
     if not os.path.isfile(path):
         raise UserError(f"--audio {path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in AUDIO_EXTS:
+        raise UserError(f"--audio {path}: unsupported format {ext or '(none)'}; use "
+                        f"{', '.join(AUDIO_EXTS)}")
     import soundfile as sf
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
