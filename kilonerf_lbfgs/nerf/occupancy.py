@@ -9,7 +9,9 @@ density would be visibly opaque:
     binary = 1 - exp(-density * step_size) > threshold
 
 so ``threshold`` is an opacity (alpha) for one step of length ``step_size``, i.e. a density
-threshold of ``-log(1 - threshold) / step_size``.
+threshold of ``-log(1 - threshold) / step_size``; while the field is still nearly
+transparent everywhere (early in training), the density threshold is lowered to the mean
+voxel density, so an update never empties a grid whose field is not uniform.
 
 Before the first :meth:`OccupancyGrid.update` every voxel is occupied (``density`` is a large
 sentinel). The first update *replaces* the sentinel by the measured density (an EMA that
@@ -178,5 +180,6 @@ class OccupancyGrid(nn.Module):
     @torch.no_grad()
     def refresh_binary(self, step_size: float) -> None:
         """Recompute ``binary`` from ``density`` for ``step_size``."""
-        alpha = -torch.expm1(-self.density.clamp_min(0) * float(step_size))
-        self.binary.copy_(alpha > self.threshold)
+        density = self.density.clamp_min(0)
+        thre = min(self.threshold_density(step_size), float(density.mean()))
+        self.binary.copy_(density > thre)

@@ -1,0 +1,120 @@
+"""Distillation (KiloNeRF's route): each cell's network learns the teacher on the ray
+samples that fall inside its cell, as an independent (separable) per-cell problem.
+
+Samples come from marching training rays through the teacher's occupancy grid (with the
+teacher's early ray termination, so they concentrate on visible surfaces); each sample
+carries the teacher's opacity for one marching step ``alpha = 1 - exp(-sigma * step)``
+and its colour. The per-cell loss is the mean over the cell's samples of
+``(alpha_s - alpha_t)^2 + mean_rgb (rgb_s - rgb_t)^2``; quality is
+``distill_psnr = -10 log10(mean loss over all samples)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..fitting import CellProblem
+from ..metrics import psnr_from_mse
+from .field import KiloNeRFField
+from .photometric import RayBank, RenderSettings, field_fns
+
+
+@dataclass
+class DistillSamples:
+    """Padded per-network samples: ``local [n, P, 3]``, ``dirs [n, P, 3]``,
+    ``alpha [n, P]``, ``rgb [n, P, 3]``, ``mask [n, P]`` bool, ``counts [n]``."""
+    local: torch.Tensor
+    dirs: torch.Tensor
+    alpha: torch.Tensor
+    rgb: torch.Tensor
+    mask: torch.Tensor
+    counts: torch.Tensor
+
+    def select(self, nets: torch.Tensor) -> "DistillSamples":
+        return DistillSamples(*(t.index_select(0, nets) for t in
+                                (self.local, self.dirs, self.alpha, self.rgb, self.mask,
+                                 self.counts)))
+
+
+@torch.no_grad()
+def collect_distill_samples(teacher, marcher, bank: RayBank, field: KiloNeRFField,
+                            rs: RenderSettings, n_rays: int, max_per_cell: int,
+                            generator: torch.Generator, chunk: int = 8192) -> DistillSamples:
+    """March ``n_rays`` random training rays with the teacher; keep at most
+    ``max_per_cell`` random samples per network (uniformly chosen)."""
+    xs, ds, alphas, rgbs = [], [], [], []
+    for start in range(0, n_rays, chunk):
+        o, d, _ = bank.sample(min(chunk, n_rays - start), generator)
+        _, sigma_fn = field_fns(teacher, o, d)
+        s = marcher.sample(o, d, rs.near, rs.far, rs.step_size, sigma_fn=sigma_fn,
+                           early_stop_eps=rs.early_stop_eps, alpha_thre=rs.alpha_thre)
+        if s.ray_indices.numel() == 0:
+            continue
+        x = o[s.ray_indices] + d[s.ray_indices] * ((s.t_starts + s.t_ends) * 0.5)[:, None]
+        rgb, sigma = teacher(x, d[s.ray_indices])
+        xs.append(x)
+        ds.append(d[s.ray_indices])
+        alphas.append(1.0 - torch.exp(-sigma * rs.step_size))
+        rgbs.append(rgb)
+    device = field.net_cells.device
+    n = field.n_nets
+    if not xs:
+        raise ValueError("no ray sample hit an occupied voxel: the occupancy grid is empty")
+    x, d, alpha, rgb = (torch.cat(v) for v in (xs, ds, alphas, rgbs))
+    keep, net, local = field.locate(x)
+    d, alpha, rgb = d[keep], alpha[keep], rgb[keep]
+    # random order, then the first max_per_cell of each network
+    perm = torch.randperm(net.numel(), generator=generator).to(device)
+    net, local, d, alpha, rgb = net[perm], local[perm], d[perm], alpha[perm], rgb[perm]
+    order = torch.sort(net, stable=True)[1]
+    net, local, d, alpha, rgb = net[order], local[order], d[order], alpha[order], rgb[order]
+    counts_all = torch.bincount(net, minlength=n)
+    starts = torch.cumsum(counts_all, 0) - counts_all
+    slot = torch.arange(net.numel(), device=device) - starts[net]
+    sel = slot < max_per_cell
+    net, slot = net[sel], slot[sel]
+    counts = counts_all.clamp(max=max_per_cell)
+    P = max(int(counts.max()), 1)
+    out = DistillSamples(local=torch.zeros(n, P, 3, device=device),
+                         dirs=torch.zeros(n, P, 3, device=device),
+                         alpha=torch.zeros(n, P, device=device),
+                         rgb=torch.zeros(n, P, 3, device=device),
+                         mask=torch.zeros(n, P, dtype=torch.bool, device=device),
+                         counts=counts)
+    out.local[net, slot] = local[sel]
+    out.dirs[net, slot] = d[sel]
+    out.alpha[net, slot] = alpha[sel]
+    out.rgb[net, slot] = rgb[sel]
+    out.mask[net, slot] = True
+    # padded slots get a harmless unit direction
+    out.dirs[~out.mask] = torch.tensor([0.0, 0.0, 1.0], device=device)
+    return out
+
+
+class DistillProblem(CellProblem):
+    """The separable distillation problem for :func:`kilonerf_lbfgs.fitting.fit` and the
+    optimiser race: ``cell_losses(field) -> [n_nets]``."""
+
+    quality_name = "distill_psnr"
+
+    def __init__(self, samples: DistillSamples, step_size: float,
+                 nets: Optional[torch.Tensor] = None):
+        self.samples, self.step_size, self.nets = samples, float(step_size), nets
+        self.n_cells = int(samples.counts.numel())
+        self.weight = samples.mask.float() / samples.counts.clamp(min=1).float()[:, None]
+
+    def cell_losses(self, field: KiloNeRFField) -> torch.Tensor:
+        s = self.samples
+        rgb, sigma = field.forward_cells(s.local, s.dirs, self.nets)
+        alpha = 1.0 - torch.exp(-sigma * self.step_size)
+        err = (alpha - s.alpha) ** 2 + ((rgb - s.rgb) ** 2).mean(-1)
+        return (err * self.weight).sum(-1)
+
+    def quality(self, cell_losses: torch.Tensor) -> float:
+        counts = self.samples.counts.to(cell_losses.dtype)
+        return psnr_from_mse(float((cell_losses * counts).sum() / counts.sum().clamp(min=1)))
+
+    def subset(self, cells: torch.Tensor) -> "DistillProblem":
+        return DistillProblem(self.samples.select(cells), self.step_size)

@@ -1,0 +1,214 @@
+"""Training a radiance field from photos: ray batches, rendering, and the photometric loop.
+
+Any field with ``forward(x [S,3], d [S,3]) -> (rgb [S,3], sigma [S])`` and
+``density(x [S,3]) -> sigma [S]`` works (the KiloNeRF field and the grid teacher).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..backends import synchronize
+from ..metrics import psnr_from_mse
+from ..optim import BatchedLBFGS
+from .data import NerfSplit
+from .render import composite, render_weights
+from .rays import camera_rays
+
+
+@dataclass
+class RenderSettings:
+    near: float
+    far: float
+    step_size: float
+    background: torch.Tensor            # [3]
+    early_stop_eps: float = 1e-4
+    alpha_thre: float = 0.0
+
+
+class RayBank:
+    """Every training ray, flattened: ``origins``, ``dirs``, ``rgbs`` ``[N * H * W, 3]``."""
+
+    def __init__(self, split: NerfSplit, device=None):
+        o, d = camera_rays(split.poses, split.intrinsics, split.H, split.W)
+        self.origins = o.reshape(-1, 3).to(device)
+        self.dirs = d.reshape(-1, 3).to(device)
+        self.rgbs = split.images.reshape(-1, 3).to(device)
+
+    def __len__(self) -> int:
+        return int(self.rgbs.shape[0])
+
+    def sample(self, n: int, generator: torch.Generator):
+        """``n`` random rays: (origins, dirs, rgbs), each ``[n, 3]``."""
+        idx = torch.randint(len(self), (n,), generator=generator).to(self.rgbs.device)
+        return self.origins[idx], self.dirs[idx], self.rgbs[idx]
+
+
+COLOR_WEIGHT_EPS = 1e-4
+
+
+def field_fns(model: nn.Module, rays_o: torch.Tensor, rays_d: torch.Tensor):
+    """The marcher's callbacks for ``model`` on these rays:
+    ``rgb_sigma_fn(t0, t1, ray) -> (rgb [S,3], sigma [S])`` and ``sigma_fn(t0, t1, ray) -> [S]``.
+
+    A model with a separate ``color(x, d)`` (the grid teacher) gets colour only where the
+    sample's rendering weight is above ``COLOR_WEIGHT_EPS`` (weights from the density,
+    without gradient); elsewhere its colour cannot change the image by more than that.
+    """
+    def positions(t0, t1, ray):
+        return rays_o[ray] + rays_d[ray] * ((t0 + t1) * 0.5)[:, None]
+
+    def rgb_sigma_fn(t0, t1, ray):
+        x = positions(t0, t1, ray)
+        if not hasattr(model, "color"):
+            return model(x, rays_d[ray])
+        sigma = model.density(x)
+        with torch.no_grad():
+            w = render_weights(sigma.detach(), t0, t1, ray, rays_o.shape[0])[0]
+            keep = torch.nonzero(w > COLOR_WEIGHT_EPS).flatten()
+        rgb = x.new_zeros(x.shape[0], 3).index_put((keep,), model.color(x[keep], rays_d[ray[keep]]))
+        return rgb, sigma
+
+    def sigma_fn(t0, t1, ray):
+        return model.density(positions(t0, t1, ray))
+
+    return rgb_sigma_fn, sigma_fn
+
+
+def render_rays(model: nn.Module, marcher, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                rs: RenderSettings, chunk: int = 8192) -> Dict:
+    """Render rays ``[R, 3]`` -> dict(rgb ``[R,3]``, opacity ``[R]``, depth ``[R]``, n_samples)."""
+    rgb_sigma_fn, sigma_fn = field_fns(model, rays_o, rays_d)
+    return marcher.render(rays_o, rays_d, rgb_sigma_fn, rs.near, rs.far, rs.step_size,
+                          rs.background, early_stop_eps=rs.early_stop_eps,
+                          alpha_thre=rs.alpha_thre, chunk=chunk, sigma_fn=sigma_fn)
+
+
+@dataclass
+class PhotometricConfig:
+    optimizer: str = "adam"             # adam | lbfgs (BatchedLBFGS, coupled mode)
+    lr: float = 1e-3
+    lr_end_factor: float = 0.1          # Adam: exponential decay to lr * factor at the end
+    batch_rays: int = 4096
+    seconds: float = 60.0
+    update_every: int = 16              # occupancy-grid updates every N steps ...
+    occ_warmup: float = 0.15            # ... after this fraction of the stage (a fresh grid)
+    warmup_coarse: float = 4.0          # marching step factor until the grid's first update
+    lbfgs_evals: int = 4                # L-BFGS: closure evaluations per ray batch
+    history_size: int = 20
+    tv_weight: float = 0.0              # total-variation weight (models with total_variation)
+    target_psnr: Optional[float] = None
+    desc: str = "train"
+
+
+@dataclass
+class LoopState:
+    seconds: float = 0.0
+    steps: int = 0
+    evals: int = 0
+    history: List[List[float]] = None   # [[seconds, batch psnr], ...]
+
+    def __post_init__(self):
+        self.history = self.history or []
+
+
+def make_photometric_optimizer(model: nn.Module, cfg: PhotometricConfig):
+    if cfg.optimizer == "lbfgs":
+        return BatchedLBFGS(list(model.parameters()), lr=1.0, history_size=cfg.history_size,
+                            max_eval=cfg.lbfgs_evals, line_search="strong_wolfe")
+    if hasattr(model, "optimizer"):
+        return model.optimizer()
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettings,
+                      cfg: PhotometricConfig, state: LoopState, opt, generator: torch.Generator,
+                      checkpoint: Optional[Callable[[], None]] = None, ckpt_every: float = 60.0,
+                      progress: bool = True) -> LoopState:
+    """Train ``model`` on random ray batches until ``cfg.seconds`` of training (``state``
+    carries the clock of a resumed run). Adam: a fresh batch per step. L-BFGS (coupled):
+    one batch and its samples stay fixed for ``lbfgs_evals`` evaluations, so the line
+    search sees one function. The occupancy grid is updated from the model's density every
+    ``update_every`` steps (counted as training time). Only training is timed."""
+    device = bank.rgbs.device
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=round(cfg.seconds, 1), unit="s", desc=cfg.desc,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s "
+                              "[{elapsed}<{remaining}{postfix}]")
+        bar.update(min(state.seconds, cfg.seconds))
+    last_ckpt, ema = state.seconds, None
+    while state.seconds < cfg.seconds:
+        synchronize(device)
+        t0 = time.perf_counter()
+        if state.steps % cfg.update_every == 0 and (
+                state.seconds >= cfg.occ_warmup * cfg.seconds
+                or int(marcher.grid.n_updates) > 0):
+            marcher.update(model.density, rs.step_size)
+        o, d, c = bank.sample(cfg.batch_rays, generator)
+        # until the grid knows where the scene is, march coarsely (densities are per unit
+        # length, so the field is the same at any step; only the sampling is cheaper)
+        rs_now = rs if int(marcher.grid.n_updates) > 0 else replace(
+            rs, step_size=rs.step_size * cfg.warmup_coarse)
+        if cfg.optimizer == "lbfgs":
+            loss = _lbfgs_step(model, marcher, o, d, c, rs_now, opt, state)
+        else:
+            frac = min(1.0, state.seconds / max(cfg.seconds, 1e-9))
+            for g, lr0 in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr0 * cfg.lr_end_factor ** frac
+            opt.zero_grad(set_to_none=True)
+            out = render_rays(model, marcher, o, d, rs_now, chunk=max(cfg.batch_rays, 1))
+            loss = torch.mean((out["rgb"] - c) ** 2)
+            total = loss
+            if cfg.tv_weight > 0 and hasattr(model, "total_variation"):
+                total = total + cfg.tv_weight * model.total_variation()
+            total.backward()
+            opt.step()
+            state.evals += 1
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        state.seconds += dt
+        state.steps += 1
+        q = psnr_from_mse(float(loss))
+        ema = q if ema is None or not math.isfinite(ema) else 0.9 * ema + 0.1 * q
+        state.history.append([state.seconds, ema])
+        if bar is not None:
+            bar.update(min(dt, max(0.0, cfg.seconds - bar.n)))
+            bar.set_postfix_str(f"train psnr {ema:.2f}")
+        if cfg.target_psnr is not None and ema >= cfg.target_psnr:
+            break
+        if checkpoint is not None and state.seconds - last_ckpt >= ckpt_every:
+            checkpoint()
+            last_ckpt = state.seconds
+    if bar is not None:
+        bar.close()
+    return state
+
+
+def _lbfgs_step(model, marcher, o, d, c, rs: RenderSettings, opt, state: LoopState):
+    """One coupled BatchedLBFGS step on a fixed batch with fixed samples."""
+    _, sigma_fn = field_fns(model, o, d)
+    with torch.no_grad():
+        samples = marcher.sample(o, d, rs.near, rs.far, rs.step_size, sigma_fn=sigma_fn,
+                                 early_stop_eps=rs.early_stop_eps, alpha_thre=rs.alpha_thre)
+    ray, t0, t1 = samples.ray_indices, samples.t_starts, samples.t_ends
+    pos = o[ray] + d[ray] * ((t0 + t1) * 0.5)[:, None]
+    dirs = d[ray]
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        state.evals += 1
+        rgb, sigma = model(pos, dirs)
+        out = composite(rgb, sigma, t0, t1, ray, o.shape[0], rs.background)
+        loss = torch.mean((out["rgb"] - c) ** 2)
+        loss.backward()
+        return loss.detach()
+
+    return opt.step(closure)

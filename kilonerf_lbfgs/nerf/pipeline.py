@@ -1,0 +1,280 @@
+"""The NeRF pipeline: stages, budgets, checkpoints and resume.
+
+Routes (``route`` option):
+
+* ``distill`` (KiloNeRF's): ``teacher`` (dense-grid field trained on the photos; its
+  density drives the occupancy grid) -> ``distill`` (each occupied cell's network learns the
+  teacher on the ray samples in its cell: a separable per-cell problem for
+  :class:`~kilonerf_lbfgs.optim.BatchedLBFGS`, or Adam) -> ``finetune`` (all cells on the
+  photos, Adam).
+* ``direct``: the cell networks trained from the photos from the start (coupled
+  BatchedLBFGS or Adam), the occupancy grid updated from their own density.
+
+The training budget ``max_seconds`` is split between the stages by fractions; only
+training is timed (no evaluation, no checkpoint I/O). A checkpoint holds everything needed
+to continue: the stage, every model, the occupancy grid, the optimiser, the clock, the
+history and the random generator; it is written atomically every ``ckpt_every`` seconds
+and at each stage's end.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field as dc_field, replace
+from typing import Dict, List, Optional
+
+import torch
+
+from ..fitting import FitConfig, fit
+from ..grid import CellGrid
+from ..io import UserError, load_checkpoint, save_checkpoint
+from .distill import DistillProblem, collect_distill_samples
+from .field import KiloNeRFField
+from .marcher import Marcher
+from .photometric import (LoopState, PhotometricConfig, RayBank, RenderSettings,
+                          make_photometric_optimizer, train_photometric)
+from .teacher import DenseGridTeacher
+
+STAGES = {"distill": ("teacher", "distill", "finetune"), "direct": ("direct",)}
+
+
+@dataclass
+class NerfOptions:
+    """Every pipeline option (``scripts/train_nerf.py`` fills these from the config)."""
+    route: str = "distill"
+    aabb: List[float] = dc_field(default_factory=lambda: [-1.5, -1.5, -1.5, 1.5, 1.5, 1.5])
+    near: float = 2.0
+    far: float = 6.0
+    background: List[float] = dc_field(default_factory=lambda: [1.0, 1.0, 1.0])
+    step_size: float = 0.0              # 0: box diagonal / 256
+    grid_res: int = 16
+    width: int = 32
+    depth: int = 3
+    feature_dim: int = 15
+    head_width: int = 32
+    activation: str = "sine"
+    omega_0: float = 30.0
+    head_omega: float = 5.0
+    occ_res: int = 64
+    occ_threshold: float = 0.01
+    max_seconds: float = 600.0
+    teacher_fraction: float = 0.4
+    distill_fraction: float = 0.3
+    teacher_res: int = 128
+    teacher_color_res: int = 64
+    teacher_lr: float = 0.3
+    tv_weight: float = 0.0
+    batch_rays: int = 4096
+    distill_rays: int = 65536
+    distill_max_per_cell: int = 1024
+    optimizer: str = "lbfgs"            # the cells' optimiser (distill stage / direct route)
+    lr: Optional[float] = None          # Adam for the cells
+    history_size: int = 30
+    evals_per_step: int = 5
+    finetune_lr: float = 2e-4
+    direct_lr: float = 5e-4
+    seed: int = 0
+    ckpt_every: float = 60.0
+    progress: bool = True
+
+    def settings(self, device) -> RenderSettings:
+        diag = math.dist(self.aabb[:3], self.aabb[3:])
+        return RenderSettings(near=self.near, far=self.far,
+                              step_size=self.step_size or diag / 256.0,
+                              background=torch.tensor(self.background, device=device))
+
+    def budgets(self) -> Dict[str, float]:
+        if self.route == "direct":
+            return {"direct": self.max_seconds}
+        t = self.max_seconds * self.teacher_fraction
+        d = self.max_seconds * self.distill_fraction
+        return {"teacher": t, "distill": d, "finetune": max(self.max_seconds - t - d, 0.0)}
+
+
+class NerfPipeline:
+    """Runs the stages of one route with checkpoints; ``run()`` returns the trained field."""
+
+    def __init__(self, opts: NerfOptions, train_bank: RayBank, device, ckpt_path: str,
+                 extra: Optional[Dict] = None):
+        if opts.route not in STAGES:
+            raise UserError(f"--route {opts.route}: choose distill or direct")
+        self.opts, self.bank, self.device = opts, train_bank, device
+        self.ckpt_path, self.extra = ckpt_path, dict(extra or {})
+        self.rs = opts.settings(device)
+        self.gen = torch.Generator().manual_seed(opts.seed)
+        torch.manual_seed(opts.seed)
+        self.marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold,
+                               device=device)
+        self.teacher: Optional[DenseGridTeacher] = None
+        self.field: Optional[KiloNeRFField] = None
+        self.stage = STAGES[opts.route][0]
+        self.done: Dict[str, Dict] = {}      # finished stages: seconds, evals, history
+        self.loop = LoopState()
+        self.resume_payload: Optional[Dict] = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _payload(self, opt=None, fit_payload: Optional[Dict] = None) -> Dict:
+        p = {"kind": "nerf", "options": self.opts.__dict__, "stage": self.stage,
+             "done": self.done, "marcher": self.marcher.state_dict(),
+             "rng": self.gen.get_state(),
+             "loop": {"seconds": self.loop.seconds, "steps": self.loop.steps,
+                      "evals": self.loop.evals, "history": self.loop.history}}
+        if self.teacher is not None:
+            p["teacher"] = {"config": {"aabb": self.teacher.aabb, **self.teacher.hparams},
+                            "state": self.teacher.state_dict()}
+        if self.field is not None:
+            p["field"] = {"config": self.field.config(), "state": self.field.state_dict()}
+        if opt is not None:
+            p["optimizer"] = opt.state_dict()
+        p.update(self.extra)
+        return p
+
+    def save(self, opt=None) -> None:
+        save_checkpoint(self.ckpt_path, self._payload(opt))
+
+    def load(self, ckpt: Dict) -> None:
+        """Restore a checkpoint written by this pipeline (same route)."""
+        if ckpt.get("kind") != "nerf" or ckpt["options"].get("route") != self.opts.route:
+            raise UserError(f"--resume: {self.ckpt_path} was written by a different run; "
+                            f"use another --out_dir")
+        self.stage, self.done = ckpt["stage"], ckpt["done"]
+        self.marcher.load_state_dict(ckpt["marcher"])
+        self.gen.set_state(ckpt["rng"])
+        lp = ckpt["loop"]
+        self.loop = LoopState(lp["seconds"], lp["steps"], lp["evals"], lp["history"])
+        if "teacher" in ckpt:
+            self.teacher = DenseGridTeacher(device=self.device, **ckpt["teacher"]["config"])
+            self.teacher.load_state_dict(ckpt["teacher"]["state"])
+        if "field" in ckpt:
+            self.field = KiloNeRFField.from_config(ckpt["field"]["config"], device=self.device)
+            self.field.load_state_dict(ckpt["field"]["state"])
+        self.resume_payload = ckpt
+
+    def _resume_opt(self, opt) -> None:
+        if self.resume_payload is not None and "optimizer" in self.resume_payload:
+            opt.load_state_dict(self.resume_payload["optimizer"])
+        self.resume_payload = None
+
+    def _finish(self, stage: str, **info) -> None:
+        self.done[stage] = {"seconds": self.loop.seconds, "steps": self.loop.steps,
+                            "function_evals": self.loop.evals, "history": self.loop.history,
+                            **info}
+        stages = STAGES[self.opts.route]
+        i = stages.index(stage)
+        self.stage = stages[i + 1] if i + 1 < len(stages) else "done"
+        self.loop = LoopState()
+        self.save()
+
+    # ------------------------------------------------------------------ stages
+    def new_field(self, occupied: Optional[torch.Tensor]) -> KiloNeRFField:
+        o = self.opts
+        return KiloNeRFField(o.aabb, o.grid_res, occupied, o.width, o.depth, o.feature_dim,
+                             o.head_width, o.activation, o.omega_0, o.head_omega,
+                             generator=torch.Generator().manual_seed(o.seed), device=self.device)
+
+    def run_teacher(self) -> None:
+        o = self.opts
+        if self.teacher is None:
+            self.teacher = DenseGridTeacher(o.aabb, o.teacher_res, o.teacher_color_res,
+                                            device=self.device)
+        opt = self.teacher.optimizer(lr_grid=o.teacher_lr)
+        self._resume_opt(opt)
+        cfg = PhotometricConfig(optimizer="adam", batch_rays=o.batch_rays,
+                                seconds=self.opts.budgets()["teacher"], tv_weight=o.tv_weight,
+                                desc="teacher")
+        train_photometric(self.teacher, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
+                          self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
+                          progress=o.progress)
+        self.marcher.update(self.teacher.density, self.rs.step_size)
+        self._finish("teacher")
+
+    def distill_problem(self) -> DistillProblem:
+        """The distillation problem (the teacher's samples in the field's cells)."""
+        o = self.opts
+        if self.field is None:
+            occ = self.marcher.grid.cells_occupied(CellGrid(o.aabb[:3], o.aabb[3:], o.grid_res))
+            self.field = self.new_field(occ.cpu())
+        gen = torch.Generator().manual_seed(o.seed + 1)
+        samples = collect_distill_samples(self.teacher, self.marcher, self.bank, self.field,
+                                          self.rs, o.distill_rays, o.distill_max_per_cell, gen)
+        return DistillProblem(samples, self.rs.step_size)
+
+    def run_distill(self) -> None:
+        o = self.opts
+        problem = self.distill_problem()
+        cfg = FitConfig(optimizer=o.optimizer, lr=o.lr, history_size=o.history_size,
+                        evals_per_step=o.evals_per_step,
+                        max_seconds=self.opts.budgets()["distill"],
+                        ckpt_path=self.ckpt_path, ckpt_every=o.ckpt_every,
+                        progress=o.progress, desc=f"distill {o.optimizer}")
+        resume = None
+        if self.resume_payload is not None and "fit" in self.resume_payload:
+            resume = self.resume_payload["fit"]
+            resume = {**resume, "model": self.resume_payload["field"]["state"]}
+        self.resume_payload = None
+        # fit() writes its own checkpoints; they carry the pipeline state as extra keys
+        pipeline_state = self._payload()
+        res = fit(self.field, problem, cfg, resume=resume,
+                  extra_ckpt={**pipeline_state, "fit_stage": True})
+        # fit's checkpoints store the field as "model"; rewrite in the pipeline's layout
+        self.loop = LoopState(res.train_seconds, res.steps, res.function_evals, res.history)
+        self._finish("distill", distill_psnr=res.quality,
+                     n_cells=self.field.n_nets, params_per_cell=self.field.params_per_cell)
+
+    def run_photometric(self, stage: str, optimizer: str, lr: float) -> None:
+        o = self.opts
+        if self.field is None:
+            self.field = self.new_field(None)
+        cfg = PhotometricConfig(optimizer=optimizer, lr=lr, batch_rays=o.batch_rays,
+                                seconds=self.opts.budgets()[stage], history_size=o.history_size,
+                                lbfgs_evals=o.evals_per_step, desc=f"{stage} {optimizer}")
+        opt = make_photometric_optimizer(self.field, cfg)
+        self._resume_opt(opt)
+        train_photometric(self.field, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
+                          self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
+                          progress=o.progress)
+        self._finish(stage)
+
+    def run(self) -> KiloNeRFField:
+        o = self.opts
+        while self.stage != "done":
+            if self.stage == "teacher":
+                self.run_teacher()
+            elif self.stage == "distill":
+                self.run_distill()
+            elif self.stage == "finetune":
+                self.run_photometric("finetune", "adam", o.finetune_lr)
+            elif self.stage == "direct":
+                self.run_photometric("direct", o.optimizer, o.lr or o.direct_lr)
+        return self.field
+
+    def train_seconds(self) -> float:
+        return sum(d["seconds"] for d in self.done.values()) + self.loop.seconds
+
+    def function_evals(self) -> int:
+        return sum(d["function_evals"] for d in self.done.values()) + self.loop.evals
+
+    def history(self) -> List[List[float]]:
+        """``[[seconds since the run began, quality], ...]`` over stages (each stage's own
+        quality: the teacher's / fine-tune's train-batch PSNR, the distillation PSNR)."""
+        out, offset = [], 0.0
+        for stage in STAGES[self.opts.route]:
+            if stage in self.done:
+                out += [[offset + s, q] for s, q in self.done[stage]["history"]]
+                offset += self.done[stage]["seconds"]
+        return out
+
+
+def resume_or_new(pipe: NerfPipeline, resume: bool) -> None:
+    """Load ``pipe.ckpt_path`` when asked and present (fit()'s distill checkpoints included)."""
+    if not (resume and os.path.isfile(pipe.ckpt_path)):
+        return
+    ckpt = load_checkpoint(pipe.ckpt_path, map_location=pipe.device)
+    if ckpt.get("fit_stage"):
+        # written by fit() during distillation: the field is under "model"
+        ckpt["field"]["state"] = ckpt["model"]
+        ckpt["fit"] = {k: ckpt[k] for k in ("model", "optimizer", "train_seconds", "steps",
+                                              "function_evals", "history")}
+    pipe.load(ckpt)
+    print(f"resuming stage {pipe.stage} from {pipe.ckpt_path} "
+          f"({pipe.train_seconds():.1f} s trained)")
