@@ -31,7 +31,9 @@ def main():
     train, test = data["train"], data["test"]
     print(f"{len(train)} train / {len(test)} test views at {train.W}x{train.H}; route "
           f"{opts.route}, cells {opts.grid_res}^3, {opts.optimizer} on {device}")
-    pipe = NerfPipeline(opts, RayBank(train, device), device, ckpt, extra={"args": vars(args)})
+    camera = {"W": train.W, "H": train.H, "intrinsics": train.intrinsics[0].tolist()}
+    pipe = NerfPipeline(opts, RayBank(train, device), device, ckpt,
+                        extra={"args": vars(args), "camera": camera})
     resume_or_new(pipe, args.resume)
     field = pipe.run()
     m = evaluate(field, pipe.marcher, test, pipe.rs, out_dir=os.path.join(args.out_dir, "test"),

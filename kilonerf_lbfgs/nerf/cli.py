@@ -55,6 +55,9 @@ def add_nerf_args(p) -> None:
     a("--evals_per_step", type=int, default=DEFAULTS.evals_per_step)
     a("--finetune_lr", type=float, default=DEFAULTS.finetune_lr)
     a("--direct_lr", type=float, default=DEFAULTS.direct_lr)
+    a("--max_steps", type=int, default=0,
+      help="photometric stages also stop after this many steps (0: time budget only); "
+           "makes runs reproducible across machines and restarts")
     p.set_defaults(history_size=DEFAULTS.history_size, ckpt_every=60.0, max_seconds=600.0)
 
 

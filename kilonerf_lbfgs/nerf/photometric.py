@@ -103,6 +103,7 @@ class PhotometricConfig:
     history_size: int = 20
     tv_weight: float = 0.0              # total-variation weight (models with total_variation)
     target_psnr: Optional[float] = None
+    max_steps: int = 0                  # > 0: also stop after this many steps (reproducible)
     desc: str = "train"
 
 
@@ -136,7 +137,8 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
     search sees one function. The occupancy grid is updated from the model's density every
     ``update_every`` steps (counted as training time). Only training is timed."""
     device = bank.rgbs.device
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    # the starting rates survive a resume (an optimizer state_dict keeps its param_groups)
+    base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -145,7 +147,7 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
                               "[{elapsed}<{remaining}{postfix}]")
         bar.update(min(state.seconds, cfg.seconds))
     last_ckpt, ema = state.seconds, None
-    while state.seconds < cfg.seconds:
+    while state.seconds < cfg.seconds and not (0 < cfg.max_steps <= state.steps):
         synchronize(device)
         t0 = time.perf_counter()
         if state.steps % cfg.update_every == 0 and (
@@ -176,7 +178,7 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
         dt = time.perf_counter() - t0
         state.seconds += dt
         state.steps += 1
-        q = psnr_from_mse(float(loss))
+        q = psnr_from_mse(float(loss.detach()))
         ema = q if ema is None or not math.isfinite(ema) else 0.9 * ema + 0.1 * q
         state.history.append([state.seconds, ema])
         if bar is not None:

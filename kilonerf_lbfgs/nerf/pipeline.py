@@ -73,6 +73,7 @@ class NerfOptions:
     evals_per_step: int = 5
     finetune_lr: float = 2e-4
     direct_lr: float = 5e-4
+    max_steps: int = 0                  # > 0: photometric stages also stop after this many steps
     seed: int = 0
     ckpt_every: float = 60.0
     progress: bool = True
@@ -181,7 +182,7 @@ class NerfPipeline:
         self._resume_opt(opt)
         cfg = PhotometricConfig(optimizer="adam", batch_rays=o.batch_rays,
                                 seconds=self.opts.budgets()["teacher"], tv_weight=o.tv_weight,
-                                desc="teacher")
+                                max_steps=o.max_steps, desc="teacher")
         train_photometric(self.teacher, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
                           progress=o.progress)
@@ -227,7 +228,8 @@ class NerfPipeline:
             self.field = self.new_field(None)
         cfg = PhotometricConfig(optimizer=optimizer, lr=lr, batch_rays=o.batch_rays,
                                 seconds=self.opts.budgets()[stage], history_size=o.history_size,
-                                lbfgs_evals=o.evals_per_step, desc=f"{stage} {optimizer}")
+                                lbfgs_evals=o.evals_per_step, max_steps=o.max_steps,
+                                desc=f"{stage} {optimizer}")
         opt = make_photometric_optimizer(self.field, cfg)
         self._resume_opt(opt)
         train_photometric(self.field, self.marcher, self.bank, self.rs, cfg, self.loop, opt,

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Render an orbit of novel views of a trained NeRF checkpoint to MP4.
+
+    python scripts/render_video.py --config configs/lego.txt --ckpt outputs/lego/checkpoint.pt \
+        --n_frames 120 --radius 4 --elevation 30 --render_wh 800 800
+"""
+import os
+import time
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+from kilonerf_lbfgs.backends import resolve_device
+from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
+from kilonerf_lbfgs.io import UserError, load_checkpoint, save_png, to_uint8
+from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene
+from kilonerf_lbfgs.nerf.evaluate import render_view
+from kilonerf_lbfgs.nerf.field import KiloNeRFField
+from kilonerf_lbfgs.nerf.marcher import Marcher
+from kilonerf_lbfgs.nerf.pipeline import NerfOptions
+from kilonerf_lbfgs.nerf.rays import orbit_poses
+
+
+def load_trained(path: str, device):
+    """(field, marcher, options, camera) from a train_nerf.py checkpoint."""
+    if not os.path.isfile(path):
+        raise UserError(f"--ckpt {path}: no such checkpoint; train first with "
+                        f"scripts/train_nerf.py (it writes OUT_DIR/checkpoint.pt)")
+    ckpt = load_checkpoint(path, map_location=device)
+    if ckpt.get("kind") != "nerf" or "field" not in ckpt:
+        raise UserError(f"--ckpt {path}: not a NeRF checkpoint with trained cell networks "
+                        f"(was training stopped before the cells were built?)")
+    opts = NerfOptions(**{k: v for k, v in ckpt["options"].items()
+                          if k in NerfOptions.__dataclass_fields__})
+    field = KiloNeRFField.from_config(ckpt["field"]["config"], device=device)
+    state = ckpt["model"] if ckpt.get("fit_stage") else ckpt["field"]["state"]
+    field.load_state_dict(state)
+    marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold, device=device)
+    marcher.load_state_dict(ckpt["marcher"])
+    return field.eval(), marcher, opts, ckpt.get("camera")
+
+
+def main():
+    p = build_parser(__doc__, psnr_target=False)
+    add_nerf_args(p)
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: OUT_DIR/checkpoint.pt)")
+    p.add_argument("--n_frames", type=int, default=60)
+    p.add_argument("--radius", type=float, default=4.0, help="camera distance from the centre")
+    p.add_argument("--elevation", type=float, default=30.0, help="degrees above the horizon")
+    p.add_argument("--render_wh", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="video size (default: the training images' size)")
+    p.add_argument("--fps", type=int, default=30)
+    p.add_argument("--chunk", type=int, default=8192, help="rays per batch (bounds memory)")
+    args = parse_args(p)
+    require_positive(args, "n_frames", "radius", "fps", "chunk")
+    device = resolve_device(args.device)
+    ckpt = args.ckpt or os.path.join(args.out_dir, "checkpoint.pt")
+    field, marcher, opts, camera = load_trained(ckpt, device)
+    if camera is None:   # older checkpoints: take the camera from the scene's test split
+        test = load_scene(args)["test"]
+        camera = {"W": test.W, "H": test.H, "intrinsics": test.intrinsics[0].tolist()}
+    W, H = args.render_wh or (camera["W"], camera["H"])
+    if W <= 0 or H <= 0:
+        raise UserError(f"--render_wh must be positive, got {W} {H}")
+    fx, fy, cx, cy = camera["intrinsics"]
+    sx, sy = W / camera["W"], H / camera["H"]
+    K = torch.tensor([fx * sx, fy * sy, cx * sx, cy * sy])
+    center = [0.5 * (a + b) for a, b in zip(opts.aabb[:3], opts.aabb[3:])]
+    poses = orbit_poses(args.n_frames, args.radius, args.elevation, center)
+    rs = opts.settings(device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "orbit.mp4")
+    from tqdm.auto import tqdm
+    t0 = time.perf_counter()
+    with imageio.get_writer(path, fps=args.fps, macro_block_size=1) as writer:
+        for k in tqdm(range(args.n_frames), desc=f"orbit {W}x{H}", disable=args.no_progress):
+            img = render_view(field, marcher, poses[k], K, H, W, rs, args.chunk).cpu().numpy()
+            writer.append_data(to_uint8(img))
+            if k == 0:
+                save_png(os.path.join(args.out_dir, "orbit_frame0.png"), img)
+    dt = time.perf_counter() - t0
+    print(f"wrote {path}: {args.n_frames} frames at {W}x{H} in {dt:.1f} s "
+          f"({args.n_frames / dt:.2f} fps)")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,210 @@
+"""The NeRF field, distillation problem and scripts on a tiny generated scene."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v2 as imageio
+import pytest
+import torch
+
+from kilonerf_lbfgs.nerf.demo_scene import generate_demo_scene
+from kilonerf_lbfgs.nerf.distill import DistillProblem, DistillSamples
+from kilonerf_lbfgs.nerf.field import KiloNeRFField
+from kilonerf_lbfgs.optim import BatchedLBFGS
+
+from conftest import REPO
+
+BOX = [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
+# the tiny scene's test views rendered as plain white (the empty field) score 9.4 dB and
+# as their mean colour 10.4 dB; the bars below are far above both
+TINY_ARGS = ["--route", "direct", "--optimizer", "adam", "--grid_res", "4", "--occ_res", "32",
+             "--batch_rays", "1024", "--direct_lr", "2e-3", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_scene(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_scene")
+    return generate_demo_scene(str(d), size=24, n_train=20, n_test=3)
+
+
+def small_field(occupied=None, seed=0):
+    return KiloNeRFField(BOX, 3, occupied, width=8, depth=2, feature_dim=4, head_width=8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def test_field_ragged_equals_per_cell_modules():
+    occ = torch.zeros(27, dtype=torch.bool)
+    occ[[0, 5, 13, 26]] = True
+    field = small_field(occ)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(300, 3, generator=gen) * 2.2 - 1.1          # some points outside the box
+    d = torch.nn.functional.normalize(torch.randn(300, 3, generator=gen), dim=-1)
+    with torch.no_grad():
+        rgb, sigma = field(x, d)
+        keep, net, local = field.locate(x)
+        for i in torch.nonzero(keep).flatten().tolist():
+            k = int(keep[:i].sum())
+            n = int(net[k])
+            out = field.trunk.cell_module(n)(local[k:k + 1])
+            col = field.head.cell_module(n)(torch.cat([out[:, 1:], d[i:i + 1]], -1))
+            torch.testing.assert_close(rgb[i], torch.sigmoid(col[0]), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(sigma[i], field.to_sigma(out[0, 0]), rtol=1e-5,
+                                       atol=1e-6)
+    # points in empty cells or outside the box have no density
+    assert bool((sigma[~keep] == 0).all()) and int((~keep).sum()) > 0
+    torch.testing.assert_close(field.density(x), sigma)
+
+
+def _distill_samples(n_nets, P=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(5, P + 1, (n_nets,), generator=gen)
+    mask = torch.arange(P)[None] < counts[:, None]
+    return DistillSamples(local=torch.rand(n_nets, P, 3, generator=gen) * 2 - 1,
+                          dirs=torch.nn.functional.normalize(
+                              torch.randn(n_nets, P, 3, generator=gen), dim=-1),
+                          alpha=torch.rand(n_nets, P, generator=gen) * mask,
+                          rgb=torch.rand(n_nets, P, 3, generator=gen), mask=mask, counts=counts)
+
+
+def test_distillation_batched_lbfgs_equals_independent_runs():
+    """BatchedLBFGS on the separable distillation losses of 4 cells == 4 separate runs."""
+    occ = torch.zeros(27, dtype=torch.bool)
+    occ[[1, 4, 9, 20]] = True
+    field = small_field(occ).double()
+    samples = _distill_samples(4)
+    samples = DistillSamples(*(t.double() if t.is_floating_point() else t for t in
+                               (samples.local, samples.dirs, samples.alpha, samples.rgb,
+                                samples.mask, samples.counts)))
+    problem = DistillProblem(samples, step_size=0.05)
+    singles = [field.subset(torch.tensor([i])).double() for i in range(4)]
+    opt = BatchedLBFGS(list(field.parameters()), history_size=10, max_eval=20)
+    for _ in range(5):
+        def closure():
+            opt.zero_grad()
+            losses = problem.cell_losses(field)
+            losses.sum().backward()
+            return losses.detach()
+        opt.step(closure)
+    for i, one in enumerate(singles):
+        sub = problem.subset(torch.tensor([i]))
+        o1 = BatchedLBFGS(list(one.parameters()), history_size=10, max_eval=20)
+        for _ in range(5):
+            def closure1():
+                o1.zero_grad()
+                losses = sub.cell_losses(one)
+                losses.sum().backward()
+                return losses.detach()
+            o1.step(closure1)
+        for p_all, p_one in zip(field.parameters(), one.parameters()):
+            torch.testing.assert_close(p_all[i:i + 1], p_one, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        final = problem.cell_losses(field)
+        first = DistillProblem(samples, 0.05).cell_losses(small_field(occ).double())
+    assert bool((final < first).all())
+
+
+def test_demo_like_scene_trains_to_psnr(tiny_scene, script, tmp_path):
+    out = tmp_path / "run"
+    r = script("train_nerf.py", "--datadir", tiny_scene, *TINY_ARGS, "--max_seconds", "15",
+               "--out_dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_psnr"] >= 17.0, m["test_psnr"]
+    assert 0 < m["test_ssim"] <= 1 and m["render_fps"] > 0
+    assert len(m["test_psnr_per_view"]) == 3
+    for name in ("checkpoint.pt", "convergence.png", "test/test_000.png"):
+        assert (out / name).is_file(), name
+    # the checkpoint renders an orbit video with exactly n_frames frames
+    v = tmp_path / "video"
+    r = script("render_video.py", "--ckpt", out / "checkpoint.pt", "--n_frames", "4",
+               "--out_dir", v, "--no_progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    reader = imageio.get_reader(str(v / "orbit.mp4"))
+    assert reader.count_frames() == 4
+    assert tuple(reader.get_meta_data()["size"]) == (24, 24)
+
+
+def test_distill_route_writes_every_stage(tiny_scene, script, tmp_path):
+    out = tmp_path / "distill"
+    r = script("train_nerf.py", "--datadir", tiny_scene, "--route", "distill", "--grid_res", "4",
+               "--occ_res", "32", "--teacher_res", "48", "--teacher_color_res", "24",
+               "--batch_rays", "1024", "--distill_rays", "4096", "--distill_max_per_cell", "128",
+               "--history_size", "10", "--max_seconds", "15", "--no_progress",
+               "--out_dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["stages"]) == {"teacher", "distill", "finetune"}
+    assert m["stages"]["distill"]["function_evals"] > 0
+    assert m["test_psnr"] > 11.0        # above the empty field (9.4) and the mean colour (10.4)
+
+
+def _test_psnr(path):
+    return json.loads((path / "metrics.json").read_text())["test_psnr"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_scene, script, tmp_path):
+    # a step budget (as well as the time budget) makes both runs do the same work
+    args = ["--datadir", tiny_scene, *TINY_ARGS, "--max_seconds", "600", "--max_steps", "150",
+            "--ckpt_every", "2"]
+    full = tmp_path / "full"
+    r = script("train_nerf.py", *args, "--out_dir", full)
+    assert r.returncode == 0, r.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "train_nerf.py"),
+                             *args, "--out_dir", str(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.is_file():
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file() and not (killed / "metrics.json").exists()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert 0 < state["loop"]["steps"] < 150
+    r = script("train_nerf.py", *args, "--out_dir", killed, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming stage direct" in r.stdout
+    assert abs(_test_psnr(killed) - _test_psnr(full)) <= 0.3
+
+
+@pytest.mark.parametrize("case", ["missing", "not_json", "no_frames", "no_angle", "size"])
+def test_bad_scene_gives_one_line(case, tiny_scene, script, tmp_path):
+    import shutil
+    d = tmp_path / "scene"
+    if case != "missing":
+        shutil.copytree(tiny_scene, d)
+        path = d / "transforms_train.json"
+        meta = json.loads(path.read_text())
+        if case == "not_json":
+            path.write_text("{ this is not json")
+        elif case == "no_frames":
+            meta.pop("frames")
+            path.write_text(json.dumps(meta))
+        elif case == "no_angle":
+            meta.pop("camera_angle_x")
+            path.write_text(json.dumps(meta))
+        elif case == "size":
+            img = imageio.imread(d / "train" / "r_1.png")
+            imageio.imwrite(d / "train" / "r_1.png", img[:-2])
+    r = script("train_nerf.py", "--datadir", d, *TINY_ARGS, "--max_seconds", "1",
+               "--out_dir", tmp_path / "o")
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_key_and_missing_checkpoint(script, tmp_path):
+    cfg = tmp_path / "bad.txt"
+    cfg.write_text("grid_res = 4\nno_such_key = 3\n")
+    r = script("train_nerf.py", "--config", cfg)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:")
+    assert "no_such_key" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = script("render_video.py", "--ckpt", tmp_path / "none.pt", "--out_dir", tmp_path)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:")
+    assert "none.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
