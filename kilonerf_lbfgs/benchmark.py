@@ -64,12 +64,15 @@ def _run_per_cell(race: Race, cfg: FitConfig, seed: int) -> Dict:
     for c in range(n):
         cell = torch.tensor([c], device=losses.device)
         sub = problem.subset(cell)
-        one = MultiMLP(1, model.d_in, model.d_out, model.width, model.depth, model.activation,
-                       omega_0=model.omega_0, sigma=model.sigma, pe_freqs=model.pe_freqs
-                       ).to(next(model.parameters()).device)
-        with torch.no_grad():
-            for dst, src in zip(one.parameters(), model.parameters()):
-                dst.copy_(src[c:c + 1])
+        if hasattr(model, "subset"):        # models of several networks per cell (NeRF)
+            one = model.subset(cell)
+        else:
+            one = MultiMLP(1, model.d_in, model.d_out, model.width, model.depth,
+                           model.activation, omega_0=model.omega_0, sigma=model.sigma,
+                           pe_freqs=model.pe_freqs).to(next(model.parameters()).device)
+            with torch.no_grad():
+                for dst, src in zip(one.parameters(), model.parameters()):
+                    dst.copy_(src[c:c + 1])
         opt = torch.optim.LBFGS(one.parameters(), lr=1.0, history_size=cfg.history_size,
                                 max_iter=cfg.evals_per_step, line_search_fn="strong_wolfe",
                                 tolerance_grad=0.0, tolerance_change=0.0)

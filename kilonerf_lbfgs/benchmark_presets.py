@@ -134,17 +134,28 @@ def shape_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                 targets=spec["targets"], budget=budget or spec["budget"], seeds=seeds)
 
 
+def nerf_distill_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
+                      budget: Optional[float] = None, data: Optional[str] = None) -> Race:
+    from .nerf.race import NERF_DISTILL_PRESETS, build_distill_race
+    spec = _spec(NERF_DISTILL_PRESETS, preset, quick)
+    datadir = _data_path(data or os.path.join(SHARED_DATA, "nerf_synthetic", "lego"),
+                         "--datadir")
+    return build_distill_race(spec, datadir, seeds, budget)
+
+
 MODALITIES: Dict[str, Callable[..., Race]] = {
     "image": lambda preset, quick, seeds, budget=None, data=None:
         image_race(preset or "fidelity", quick, seeds, budget, data),
     "audio": audio_race,
     "video": video_race,
     "shape": shape_race,
+    "nerf_distill": nerf_distill_race,
 }
 
 PRESETS: Dict[str, Sequence[str]] = {
     "image": tuple(IMAGE_PRESETS), "audio": tuple(AUDIO_PRESETS),
     "video": tuple(VIDEO_PRESETS), "shape": tuple(SHAPE_PRESETS),
+    "nerf_distill": ("lego",),
 }
 
 

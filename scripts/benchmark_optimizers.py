@@ -38,6 +38,8 @@ def main():
     for name in ("audio", "video", "mesh"):
         p.add_argument(f"--{name}", default=None,
                        help=f"replace the preset's {name} file (default: ../shared/data)")
+    p.add_argument("--datadir", default=None,
+                   help="nerf_distill: the scene folder (default ../shared/data/nerf_synthetic/lego)")
     p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
     args = parse_args(p)
     preset = args.preset or PRESETS[args.modality][0]
@@ -45,7 +47,7 @@ def main():
         raise UserError(f"--preset {preset}: not a {args.modality} preset; choose one of "
                         f"{', '.join(PRESETS[args.modality])}")
     data = {"image": args.image, "audio": args.audio, "video": args.video,
-            "shape": args.mesh}.get(args.modality)
+            "shape": args.mesh, "nerf_distill": args.datadir}.get(args.modality)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     out = args.out or os.path.join("bench", f"{args.modality}_{args.study or preset}"
                                    f"{'_quick' if args.quick else ''}.json")

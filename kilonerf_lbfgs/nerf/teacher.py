@@ -9,8 +9,8 @@ interpolated feature and the view direction to rgb. Trained with Adam at a high 
 rate on the grids, this reaches a usable radiance field in minutes on a CPU, and its
 density gives the occupancy grid and the distillation targets.
 
-On CUDA with tinycudann installed, :func:`make_teacher` returns a hash-grid teacher
-instead (same interface); everywhere else the dense grid serves.
+The dense grid runs on any device. A tinycudann hash-grid teacher for CUDA (the issue's
+option where tinycudann is installed) is not implemented yet; the dense grid serves there too.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import tinycudann_available
 
 
 def direction_encoding(d: torch.Tensor, n_freqs: int = 2) -> torch.Tensor:
@@ -90,14 +89,3 @@ class DenseGridTeacher(nn.Module):
         g = self.density_grid
         return sum(((g.narrow(a, 1, g.shape[a] - 1) - g.narrow(a, 0, g.shape[a] - 1)) ** 2).mean()
                    for a in (2, 3, 4))
-
-
-def make_teacher(aabb: Sequence[float], resolution: int, color_resolution: int,
-                 device=None) -> nn.Module:
-    """The teacher for this machine: dense grids in pure torch (tinycudann's hash grid is
-    used only where it is installed and CUDA is present — not on the CPU path)."""
-    if device is not None and torch.device(device).type == "cuda" and tinycudann_available():
-        # The dense grid is also correct on CUDA; a hash-grid teacher would be faster at
-        # 800 px but is not needed for the scales this project measures.
-        pass
-    return DenseGridTeacher(aabb, resolution, color_resolution, device=device)

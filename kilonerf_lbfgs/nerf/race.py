@@ -1,0 +1,85 @@
+"""The distillation race: one teacher, one set of cells and samples, every optimiser.
+
+The teacher is trained once on the photos (pure-torch dense grids, Adam; not timed in the
+race) and cached next to the benchmark outputs, so reruns and every contender share it. Its
+density sets the occupancy grid and so the cells that hold a network; its samples (training
+rays marched through that grid) are the distillation data. The race then times only the
+distillation: ``batched_lbfgs`` against swept Adam and torch's L-BFGS, all on the same
+:class:`DistillProblem`, in ``distill_psnr`` (``-10 log10`` of the mean per-sample loss).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from ..benchmark import Race
+from ..grid import CellGrid
+from ..io import load_checkpoint, save_checkpoint
+from .data import load_dataset
+from .distill import DistillProblem, collect_distill_samples
+from .field import KiloNeRFField
+from .marcher import Marcher
+from .photometric import LoopState, PhotometricConfig, RayBank, train_photometric
+from .pipeline import NerfOptions
+from .teacher import DenseGridTeacher
+
+LEGO_BOX = [-0.7, -1.25, -0.4, 0.7, 1.25, 1.05]
+
+NERF_DISTILL_PRESETS = {
+    # lego at 100x100, 16^3 cells (3x32 sine trunk + 32-wide head per cell), teacher 600 s
+    "lego": dict(downsample=4, aabb=LEGO_BOX, grid_res=16, occ_res=64, teacher_seconds=600.0,
+                 distill_rays=65536, max_per_cell=512, targets=(20.0, 25.0, 30.0),
+                 budget=240.0,
+                 quick=dict(teacher_seconds=240.0, distill_rays=32768, max_per_cell=256,
+                            budget=60.0)),
+}
+
+
+def _teacher_cache(datadir: str, spec: Dict, cache_dir: str) -> str:
+    key = json.dumps({"data": os.path.abspath(datadir), **{k: spec[k] for k in
+                      ("downsample", "aabb", "occ_res", "teacher_seconds")}}, sort_keys=True)
+    return os.path.join(cache_dir, f"nerf_teacher_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt")
+
+
+def build_distill_race(spec: Dict, datadir: str, seeds: Sequence[int], budget: Optional[float],
+                       cache_dir: str = "bench", progress: bool = True) -> Race:
+    data = load_dataset(datadir, downsample=spec["downsample"])
+    opts = NerfOptions(aabb=list(spec["aabb"]), grid_res=spec["grid_res"],
+                       occ_res=spec["occ_res"], near=data["train"].near, far=data["train"].far)
+    rs = opts.settings("cpu")
+    bank = RayBank(data["train"])
+    marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold)
+    teacher = DenseGridTeacher(opts.aabb, opts.teacher_res, opts.teacher_color_res)
+    path = _teacher_cache(datadir, spec, cache_dir)
+    if os.path.isfile(path):
+        ck = load_checkpoint(path)
+        teacher.load_state_dict(ck["teacher"])
+        marcher.load_state_dict(ck["marcher"])
+        print(f"teacher from cache {path}")
+    else:
+        cfg = PhotometricConfig(optimizer="adam", batch_rays=opts.batch_rays,
+                                seconds=spec["teacher_seconds"], desc="teacher")
+        gen = torch.Generator().manual_seed(0)
+        train_photometric(teacher, marcher, bank, rs, cfg, LoopState(),
+                          teacher.optimizer(lr_grid=opts.teacher_lr), gen, progress=progress)
+        marcher.update(teacher.density, rs.step_size)
+        save_checkpoint(path, {"teacher": teacher.state_dict(), "marcher": marcher.state_dict()})
+    occupied = marcher.grid.cells_occupied(CellGrid(opts.aabb[:3], opts.aabb[3:], opts.grid_res))
+
+    def make_field(seed: int) -> KiloNeRFField:
+        return KiloNeRFField(opts.aabb, opts.grid_res, occupied.cpu(), opts.width, opts.depth,
+                             opts.feature_dim, opts.head_width, opts.activation, opts.omega_0,
+                             opts.head_omega, generator=torch.Generator().manual_seed(1000 + seed))
+
+    samples = collect_distill_samples(teacher, marcher, bank, make_field(0), rs,
+                                      spec["distill_rays"], spec["max_per_cell"],
+                                      torch.Generator().manual_seed(1))
+    problem = DistillProblem(samples, rs.step_size)
+    print(f"distillation: {problem.n_cells} cells with networks "
+          f"({int(occupied.sum())}/{occupied.numel()}), {int(samples.counts.sum())} samples")
+    return Race(problem, make_field, targets=spec["targets"], budget=budget or spec["budget"],
+                seeds=seeds)
