@@ -31,7 +31,8 @@ LEGO_BOX = [-0.7, -1.25, -0.4, 0.7, 1.25, 1.05]
 
 NERF_DISTILL_PRESETS = {
     # lego at 100x100, 16^3 cells (3x32 sine trunk + 32-wide head per cell), teacher 600 s
-    "lego": dict(downsample=4, aabb=LEGO_BOX, grid_res=16, occ_res=64, teacher_seconds=600.0,
+    "lego": dict(downsample=4, aabb=LEGO_BOX, grid_res=16, occ_res=64, omega_0=30.0,
+                 teacher_seconds=600.0,
                  distill_rays=65536, max_per_cell=512, targets=(20.0, 25.0, 30.0),
                  budget=240.0,
                  quick=dict(teacher_seconds=240.0, distill_rays=32768, max_per_cell=256,
@@ -49,7 +50,8 @@ def build_distill_race(spec: Dict, datadir: str, seeds: Sequence[int], budget: O
                        cache_dir: str = "bench", progress: bool = True) -> Race:
     data = load_dataset(datadir, downsample=spec["downsample"])
     opts = NerfOptions(aabb=list(spec["aabb"]), grid_res=spec["grid_res"],
-                       occ_res=spec["occ_res"], near=data["train"].near, far=data["train"].far)
+                       occ_res=spec["occ_res"], omega_0=spec["omega_0"],
+                       near=data["train"].near, far=data["train"].far)
     rs = opts.settings("cpu")
     bank = RayBank(data["train"])
     marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold)
