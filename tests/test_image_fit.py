@@ -95,7 +95,8 @@ def test_fit_image_script_outputs_and_resume(script, tmp_path):
     out = tmp_path / "run"
     args = ["--image", path, "--grid", 3, 2, "--width", 16, "--depth", 2, "--out_dir", out,
             "--no_progress"]
-    r = script("fit_image.py", *args, "--max_seconds", 3)
+    # a target with a generous budget: the test does not depend on how busy the machine is
+    r = script("fit_image.py", *args, "--max_seconds", 60, "--target_psnr", 25)
     assert r.returncode == 0, r.stderr
     for f in ("metrics.json", "reconstruction.png", "convergence.png", "checkpoint.pt"):
         assert os.path.isfile(out / f), f
@@ -107,7 +108,7 @@ def test_fit_image_script_outputs_and_resume(script, tmp_path):
     assert m["n_cells"] == 6 and m["psnr"] > 20
     assert iio.imread(out / "reconstruction.png").shape == (48, 40, 3)
     # resume: continues the clock and the history from the checkpoint
-    r2 = script("fit_image.py", *args, "--max_seconds", 6, "--resume")
+    r2 = script("fit_image.py", *args, "--max_seconds", 120, "--target_psnr", 30, "--resume")
     assert r2.returncode == 0, r2.stderr
     assert "resuming from" in r2.stdout
     m2 = json.loads((out / "metrics.json").read_text())
