@@ -108,11 +108,11 @@ def test_distillation_batched_lbfgs_equals_independent_runs():
 
 def test_demo_like_scene_trains_to_psnr(tiny_scene, script, tmp_path):
     out = tmp_path / "run"
-    r = script("train_nerf.py", "--datadir", tiny_scene, *TINY_ARGS, "--max_seconds", "15",
-               "--out_dir", out)
+    r = script("train_nerf.py", "--datadir", tiny_scene, *TINY_ARGS, "--max_seconds", "600",
+               "--max_steps", "150", "--out_dir", out)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
-    assert m["test_psnr"] >= 17.0, m["test_psnr"]
+    assert m["test_psnr"] >= 20.0, m["test_psnr"]      # 23.4-24.0 dB measured
     assert 0 < m["test_ssim"] <= 1 and m["render_fps"] > 0
     assert len(m["test_psnr_per_view"]) == 3
     for name in ("checkpoint.pt", "convergence.png", "test/test_000.png"):
@@ -149,16 +149,25 @@ def _test_psnr(path):
     return json.loads((path / "metrics.json").read_text())["test_psnr"]
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_scene, script, tmp_path):
-    # a step budget (as well as the time budget) makes both runs do the same work
+def _run_one_thread(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train_nerf.py"),
+                           *map(str, args)], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_scene, tmp_path):
+    # a step budget (as well as the time budget) makes both runs do the same work; one
+    # thread, because multi-threaded reductions alone move this short run by ~0.5 dB
     args = ["--datadir", tiny_scene, *TINY_ARGS, "--max_seconds", "600", "--max_steps", "150",
             "--ckpt_every", "2"]
     full = tmp_path / "full"
-    r = script("train_nerf.py", *args, "--out_dir", full)
+    r = _run_one_thread(*args, "--out_dir", full)
     assert r.returncode == 0, r.stderr[-2000:]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "train_nerf.py"),
                              *args, "--out_dir", str(killed)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.pt"
     deadline = time.time() + 120
@@ -170,7 +179,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_scene, script, tmp_p
     assert ckpt.is_file() and not (killed / "metrics.json").exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert 0 < state["loop"]["steps"] < 150
-    r = script("train_nerf.py", *args, "--out_dir", killed, "--resume")
+    r = _run_one_thread(*args, "--out_dir", killed, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming stage direct" in r.stdout
     assert abs(_test_psnr(killed) - _test_psnr(full)) <= 0.3
