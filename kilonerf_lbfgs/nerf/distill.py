@@ -52,7 +52,7 @@ def collect_distill_samples(teacher, marcher, bank: RayBank, field: KiloNeRFFiel
                            early_stop_eps=rs.early_stop_eps, alpha_thre=rs.alpha_thre)
         if s.ray_indices.numel() == 0:
             continue
-        x = o[s.ray_indices] + d[s.ray_indices] * ((s.t_starts + s.t_ends) * 0.5)[:, None]
+        x = s.positions(o, d)
         rgb, sigma = teacher(x, d[s.ray_indices])
         xs.append(x)
         ds.append(d[s.ray_indices])

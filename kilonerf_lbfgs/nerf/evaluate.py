@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -28,13 +28,6 @@ def render_view(model: nn.Module, marcher, pose: torch.Tensor, intrinsics: torch
         out[s:s + chunk] = render_rays(model, marcher, o[s:s + chunk], d[s:s + chunk], rs,
                                        chunk=chunk)["rgb"]
     return out.view(H, W, 3).clamp(0, 1)
-
-
-def render_views(model, marcher, poses: Iterable[torch.Tensor], intrinsics: torch.Tensor,
-                 H: int, W: int, rs: RenderSettings, chunk: int = 8192):
-    """Yield images ``[H, W, 3]`` for each pose (intrinsics ``[4]`` shared)."""
-    for pose in poses:
-        yield render_view(model, marcher, pose, intrinsics, H, W, rs, chunk)
 
 
 @torch.no_grad()

@@ -201,8 +201,7 @@ def _lbfgs_step(model, marcher, o, d, c, rs: RenderSettings, opt, state: LoopSta
         samples = marcher.sample(o, d, rs.near, rs.far, rs.step_size, sigma_fn=sigma_fn,
                                  early_stop_eps=rs.early_stop_eps, alpha_thre=rs.alpha_thre)
     ray, t0, t1 = samples.ray_indices, samples.t_starts, samples.t_ends
-    pos = o[ray] + d[ray] * ((t0 + t1) * 0.5)[:, None]
-    dirs = d[ray]
+    pos, dirs = samples.positions(o, d), d[ray]
 
     def closure():
         opt.zero_grad(set_to_none=False)

@@ -217,7 +217,7 @@ class NerfPipeline:
         pipeline_state = self._payload()
         res = fit(self.field, problem, cfg, resume=resume,
                   extra_ckpt={**pipeline_state, "fit_stage": True})
-        # fit's checkpoints store the field as "model"; rewrite in the pipeline's layout
+        # _finish() writes the next checkpoint in the pipeline's layout (field under "field")
         self.loop = LoopState(res.train_seconds, res.steps, res.function_evals, res.history)
         self._finish("distill", distill_psnr=res.quality,
                      n_cells=self.field.n_nets, params_per_cell=self.field.params_per_cell)
