@@ -162,7 +162,9 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
         if cfg.optimizer == "lbfgs":
             loss = _lbfgs_step(model, marcher, o, d, c, rs_now, opt, state)
         else:
-            frac = min(1.0, state.seconds / max(cfg.seconds, 1e-9))
+            # with a step budget the decay follows steps, so it does not depend on the clock
+            frac = min(1.0, state.steps / cfg.max_steps if cfg.max_steps > 0
+                       else state.seconds / max(cfg.seconds, 1e-9))
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 * cfg.lr_end_factor ** frac
             opt.zero_grad(set_to_none=True)
