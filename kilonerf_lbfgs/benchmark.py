@@ -33,6 +33,10 @@ class Race:
     targets: Sequence[float]
     budget: float
     seeds: Sequence[int]
+    # Adam's constant-lr sweep runs on the first ``sweep_seeds`` seeds (None: all); the best
+    # constant lr and the best cosine lr found there then run on every seed, and only
+    # entries run on every seed compete for best_adam
+    sweep_seeds: Optional[int] = None
     lbfgs: FitConfig = field(default_factory=lambda: FitConfig(optimizer="lbfgs"))
     torch_lbfgs: FitConfig = field(default_factory=lambda: FitConfig(
         optimizer="torch_lbfgs", history_size=100, evals_per_step=20))
@@ -117,6 +121,7 @@ def _median(values: List[Optional[float]]) -> Optional[float]:
 def _summarise(name: str, runs: List[Dict], targets: Sequence[float]) -> Dict:
     secs = {str(t): [first_time_reaching(r["history"], t) for r in runs] for t in targets}
     return {"contender": name,
+            "n_seeds": len(runs),
             "seconds_to_target": secs,
             "median_seconds_to_target": {k: _median(v) for k, v in secs.items()},
             "psnr_at_budget": [r["quality"] for r in runs],
@@ -141,9 +146,11 @@ def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
     def want(name):
         return wanted is None or name in wanted or (name.startswith("adam") and "adam" in wanted)
 
-    def race_one(name: str, runner, cfg: FitConfig):
-        runs = []
-        for seed in race.seeds:
+    runs_of: Dict[str, List[Dict]] = {}
+
+    def race_one(name: str, runner, cfg: FitConfig, seeds: Optional[Sequence[int]] = None):
+        runs = runs_of.setdefault(name, [])
+        for seed in (race.seeds if seeds is None else seeds):
             runs.append(runner(race, cfg, seed))
             r = runs[-1]
             race.log(f"  {name:24s} seed {seed}: final {r['quality']:.2f} after "
@@ -156,17 +163,31 @@ def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
         race_one("batched_lbfgs", _run_fit, race.lbfgs)
     adam_names = []
     if want("adam"):
+        n_sweep = len(race.seeds) if race.sweep_seeds is None else \
+            max(1, min(race.sweep_seeds, len(race.seeds)))
+        sweep, rest = list(race.seeds[:n_sweep]), list(race.seeds[n_sweep:])
+        rank = lambda names: sorted(names, key=lambda n: _adam_rank_key(
+            results[n], race.targets), reverse=True)
         for lr in ADAM_LRS:
             name = f"adam_lr={lr:g}"
-            race_one(name, _run_fit, FitConfig(optimizer="adam", lr=lr))
+            race_one(name, _run_fit, FitConfig(optimizer="adam", lr=lr), sweep)
             adam_names.append(name)
-        ranked = sorted(adam_names, key=lambda n: _adam_rank_key(results[n], race.targets),
-                        reverse=True)
-        for name in ranked[:2]:
+        top_constant = rank(adam_names)[:2]
+        cosines = []
+        for name in top_constant:
             lr = float(name.split("=")[1])
             cos = f"adam_cos_lr={lr:g}"
-            race_one(cos, _run_fit, FitConfig(optimizer="adam", lr=lr, lr_schedule="cosine"))
-            adam_names.append(cos)
+            race_one(cos, _run_fit, FitConfig(optimizer="adam", lr=lr, lr_schedule="cosine"),
+                     sweep)
+            cosines.append(cos)
+        adam_names += cosines
+        if rest:   # the sweep's best constant and best cosine settings on the other seeds
+            for name in (top_constant[0], rank(cosines)[0]):
+                lr = float(name.split("=")[1])
+                race_one(name, _run_fit, FitConfig(
+                    optimizer="adam", lr=lr,
+                    lr_schedule="cosine" if name.startswith("adam_cos") else "constant"),
+                    rest)
     if want("torch_lbfgs_joint"):
         race_one("torch_lbfgs_joint", _run_fit, race.torch_lbfgs)
     if want("torch_lbfgs_per_cell"):
@@ -188,7 +209,9 @@ def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dic
         rival_time[t], rival_lower[t] = {}, {}
         if adam_names:
             times = [results[n]["median_seconds_to_target"][t] for n in adam_names]
-            hit = [x for x in times if x is not None]
+            full = [results[n]["median_seconds_to_target"][t] for n in adam_names
+                    if results[n]["n_seeds"] == len(race.seeds)]
+            hit = [x for x in full if x is not None]
             rival_time[t]["best_adam"] = min(hit) if hit else None
             rival_time[t]["adam_sweep"] = sum(budget if x is None else x for x in times)
             rival_lower[t]["adam_sweep"] = any(x is None for x in times)
@@ -211,13 +234,15 @@ def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dic
     if ours:
         mine = ours["median_psnr_at_budget"]
         if adam_names:
-            best = max(results[n]["median_psnr_at_budget"] for n in adam_names)
+            best = max(results[n]["median_psnr_at_budget"] for n in adam_names
+                       if results[n]["n_seeds"] == len(race.seeds))
             gains["best_adam"] = mine - best
         for name in ("adam_lr=0.0001", "adam_lr=0.001", "torch_lbfgs_joint",
                      "torch_lbfgs_per_cell"):
             if name in results:
                 gains[name] = mine - results[name]["median_psnr_at_budget"]
     return {"targets": list(race.targets), "seeds": list(race.seeds),
+            "adam_sweep_seeds": race.sweep_seeds,
             "quality_name": getattr(race.problem, "quality_name", "psnr"),
             "budget_seconds": budget,
             "results": list(results.values()),
@@ -245,7 +270,10 @@ def format_tables(report: Dict) -> str:
             cells.append("miss" if v is None else
                          f"{v:.1f}" + ("" if n_hit == n else f" ({n_hit}/{n})"))
         evals = int(statistics.median(r["function_evals"]))
-        lines.append(f"| {r['contender']} | " + " | ".join(cells) +
+        n_seeds = r.get("n_seeds", len(report["seeds"]))
+        label = r["contender"] + ("" if n_seeds == len(report["seeds"]) else
+                                  f" ({n_seeds} of {len(report['seeds'])} seeds)")
+        lines.append(f"| {label} | " + " | ".join(cells) +
                      f" | {r['median_psnr_at_budget']:.{2 if q == 'psnr' else 4}f} | {evals} |")
     lines.append("")
     rivals = [k for k in RIVALS if any(k in report["ratios"][t] for t in targets)]

@@ -15,7 +15,7 @@ import torch
 
 from kilonerf_lbfgs.benchmark import Race, _adam_rank_key, format_tables, run_race
 from kilonerf_lbfgs.benchmark_presets import MODALITIES, PRESETS, study_races
-from kilonerf_lbfgs.config import parse_args, run_main
+from kilonerf_lbfgs.config import parse_args, require_positive, run_main
 from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
 
 
@@ -31,6 +31,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="shorter budgets, one seed")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (full: 3, quick: 1)")
     p.add_argument("--budget", type=float, default=None, help="override the seconds per run")
+    p.add_argument("--sweep_seeds", type=int, default=None,
+                   help="run Adam's learning-rate sweep on this many seeds only, then its best "
+                        "constant and best cosine settings on every seed (default: all seeds)")
     p.add_argument("--contenders", nargs="+", default=None,
                    help="subset: batched_lbfgs adam torch_lbfgs_joint torch_lbfgs_per_cell")
     p.add_argument("--image", default=None,
@@ -71,6 +74,9 @@ def main():
         print(study_table(report))
     else:
         race: Race = MODALITIES[args.modality](preset, args.quick, seeds, args.budget, data)
+        if args.sweep_seeds is not None:
+            require_positive(args, "sweep_seeds")
+            race.sweep_seeds = args.sweep_seeds
         print(f"== {args.modality} {preset}{' (quick)' if args.quick else ''}: "
               f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
         if args.modality == "nerf_distill":

@@ -64,3 +64,28 @@ def test_tiny_race_runs_every_contender():
         for h in r["histories"]:
             secs = [s for s, _ in h]
             assert secs == sorted(secs)           # the clock only moves forward
+
+
+def test_sweep_on_one_seed_then_best_settings_on_every_seed():
+    img = np.random.default_rng(1).random((16, 16, 1)).astype(np.float32)
+    problem = ImageProblem(img, (2, 2))
+
+    def make(seed):
+        return MultiMLP(4, 2, 1, 8, 1, generator=torch.Generator().manual_seed(seed))
+
+    race = Race(problem, make, targets=(15, 20), budget=0.3, seeds=[0, 1, 2], sweep_seeds=1,
+                log=lambda s: None)
+    rep = run_race(race, contenders=["batched_lbfgs", "adam"])
+    by_name = {r["contender"]: r for r in rep["results"]}
+    assert by_name["batched_lbfgs"]["n_seeds"] == 3
+    full = [n for n, r in by_name.items() if n.startswith("adam") and r["n_seeds"] == 3]
+    # exactly one constant and one cosine setting were carried to every seed
+    assert sum(n.startswith("adam_lr=") for n in full) == 1
+    assert sum(n.startswith("adam_cos_lr=") for n in full) == 1
+    assert all(len(r["histories"]) == r["n_seeds"] for r in by_name.values())
+    # best_adam compares only settings run on every seed
+    for t in ("15", "20"):
+        full_times = [by_name[n]["median_seconds_to_target"][t] for n in full]
+        hit = [x for x in full_times if x is not None]
+        assert rep["rival_median_seconds_to_target"][t]["best_adam"] == (min(hit) if hit else None)
+    assert "(1 of 3 seeds)" in format_tables(rep)
