@@ -159,6 +159,7 @@ PRESETS: Dict[str, Sequence[str]] = {
     "image": tuple(IMAGE_PRESETS), "audio": tuple(AUDIO_PRESETS),
     "video": tuple(VIDEO_PRESETS), "shape": tuple(SHAPE_PRESETS),
     "nerf_distill": ("lego",),
+    "nerf": ("lego",),          # the whole pipeline: kilonerf_lbfgs.nerf.pipeline_race
 }
 
 

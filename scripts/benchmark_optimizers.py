@@ -14,7 +14,7 @@ import configargparse
 import torch
 
 from kilonerf_lbfgs.benchmark import Race, _adam_rank_key, format_tables, run_race
-from kilonerf_lbfgs.benchmark_presets import MODALITIES, PRESETS, study_races
+from kilonerf_lbfgs.benchmark_presets import MODALITIES, PRESETS, SHARED_DATA, study_races
 from kilonerf_lbfgs.config import parse_args, require_positive, run_main
 from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
 
@@ -22,7 +22,8 @@ from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
 def main():
     p = configargparse.ArgumentParser(description=__doc__,
                                       formatter_class=configargparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modality", default="image", choices=list(MODALITIES))
+    p.add_argument("--modality", default="image", choices=list(MODALITIES) + ["nerf"],
+                   help="nerf: the whole NeRF pipeline (routes and optimisers) to a test PSNR")
     p.add_argument("--preset", default=None,
                    help="the modality's preset (default: its first): " +
                    "; ".join(f"{m}: {', '.join(v)}" for m, v in PRESETS.items()))
@@ -42,7 +43,8 @@ def main():
         p.add_argument(f"--{name}", default=None,
                        help=f"replace the preset's {name} file (default: ../shared/data)")
     p.add_argument("--datadir", default=None,
-                   help="nerf_distill: the scene folder (default ../shared/data/nerf_synthetic/lego)")
+                   help="nerf, nerf_distill: the scene folder (default "
+                        "../shared/data/nerf_synthetic/lego)")
     p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
     args = parse_args(p)
     preset = args.preset or PRESETS[args.modality][0]
@@ -72,6 +74,26 @@ def main():
         plot_convergence(out.replace(".json", ".png"), curves,
                          title=f"{args.study} study (seed 0)")
         print(study_table(report))
+    elif args.modality == "nerf":
+        from kilonerf_lbfgs.nerf.pipeline_race import (NERF_PIPELINE_PRESETS,
+                                                       format_pipeline_tables, run_pipeline_race)
+        spec = dict(NERF_PIPELINE_PRESETS[preset])
+        if args.quick:
+            spec.update(spec["quick"])
+        datadir = args.datadir or os.path.join(SHARED_DATA, "nerf_synthetic", "lego")
+        if not os.path.isdir(datadir):
+            raise UserError(f"--datadir {datadir}: no such folder; get the shared data (see "
+                            f"../shared/data/README.md) or pass --datadir PATH")
+        print(f"== nerf {preset}{' (quick)' if args.quick else ''}: budget "
+              f"{args.budget or spec['budget']:.0f} s per run, seeds {seeds}, test PSNR "
+              f"targets {list(spec['targets'])}, a test probe every {spec['probe_every']:.0f} s")
+        report = {**meta, "preset": preset, "data": datadir,
+                  **run_pipeline_race(datadir, spec, seeds, args.budget, args.contenders)}
+        save_json(out, report)
+        curves = {e["contender"]: e["histories"][0] for e in report["results"]}
+        plot_convergence(out.replace(".json", ".png"), curves, targets=spec["targets"],
+                         ylabel="test PSNR (dB)", title=f"NeRF pipeline, {preset} (seed 0)")
+        print(format_pipeline_tables(report))
     else:
         race: Race = MODALITIES[args.modality](preset, args.quick, seeds, args.budget, data)
         if args.sweep_seeds is not None:

@@ -130,12 +130,16 @@ def make_photometric_optimizer(model: nn.Module, cfg: PhotometricConfig):
 def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettings,
                       cfg: PhotometricConfig, state: LoopState, opt, generator: torch.Generator,
                       checkpoint: Optional[Callable[[], None]] = None, ckpt_every: float = 60.0,
-                      progress: bool = True) -> LoopState:
+                      progress: bool = True, probe: Optional[Callable[[float], None]] = None,
+                      probe_every: float = math.inf) -> LoopState:
     """Train ``model`` on random ray batches until ``cfg.seconds`` of training (``state``
     carries the clock of a resumed run). Adam: a fresh batch per step. L-BFGS (coupled):
     one batch and its samples stay fixed for ``lbfgs_evals`` evaluations, so the line
     search sees one function. The occupancy grid is updated from the model's density every
-    ``update_every`` steps (counted as training time). Only training is timed."""
+    ``update_every`` steps (counted as training time). Only training is timed.
+
+    ``probe(seconds)``, when given, is called (untimed) every ``probe_every`` seconds of
+    training and once at the end, e.g. to measure test PSNR against the clock."""
     device = bank.rgbs.device
     # the starting rates survive a resume (an optimizer state_dict keeps its param_groups)
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
@@ -146,7 +150,7 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s "
                               "[{elapsed}<{remaining}{postfix}]")
         bar.update(min(state.seconds, cfg.seconds))
-    last_ckpt, ema = state.seconds, None
+    last_ckpt, last_probe, ema = state.seconds, state.seconds, None
     while state.seconds < cfg.seconds and not (0 < cfg.max_steps <= state.steps):
         synchronize(device)
         t0 = time.perf_counter()
@@ -191,6 +195,11 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
         if checkpoint is not None and state.seconds - last_ckpt >= ckpt_every:
             checkpoint()
             last_ckpt = state.seconds
+        if probe is not None and state.seconds - last_probe >= probe_every:
+            probe(state.seconds)
+            last_probe = state.seconds
+    if probe is not None and last_probe < state.seconds:
+        probe(state.seconds)
     if bar is not None:
         bar.close()
     return state

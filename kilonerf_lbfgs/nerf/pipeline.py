@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field as dc_field, replace
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -112,6 +112,10 @@ class NerfPipeline:
         self.done: Dict[str, Dict] = {}      # finished stages: seconds, evals, history
         self.loop = LoopState()
         self.resume_payload: Optional[Dict] = None
+        # probe(field, seconds of training since the run began): called untimed every
+        # probe_every seconds while the cell networks train, and when a stage ends with them
+        self.probe: Optional[Callable[[KiloNeRFField, float], None]] = None
+        self.probe_every: float = math.inf
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, opt=None, fit_payload: Optional[Dict] = None) -> Dict:
@@ -219,6 +223,8 @@ class NerfPipeline:
                   extra_ckpt={**pipeline_state, "fit_stage": True})
         # _finish() writes the next checkpoint in the pipeline's layout (field under "field")
         self.loop = LoopState(res.train_seconds, res.steps, res.function_evals, res.history)
+        if self.probe is not None:
+            self.probe(self.field, self._seconds_before(self.stage) + res.train_seconds)
         self._finish("distill", distill_psnr=res.quality,
                      n_cells=self.field.n_nets, params_per_cell=self.field.params_per_cell)
 
@@ -232,10 +238,20 @@ class NerfPipeline:
                                 desc=f"{stage} {optimizer}")
         opt = make_photometric_optimizer(self.field, cfg)
         self._resume_opt(opt)
+        probe = None
+        if self.probe is not None:
+            offset = self._seconds_before(stage)
+            probe = lambda s: self.probe(self.field, offset + s)  # noqa: E731
         train_photometric(self.field, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
-                          progress=o.progress)
+                          progress=o.progress, probe=probe, probe_every=self.probe_every)
         self._finish(stage)
+
+    def _seconds_before(self, stage: str) -> float:
+        """Training seconds of the stages that precede ``stage`` in this route."""
+        stages = STAGES[self.opts.route]
+        return sum(self.done[s]["seconds"] for s in stages[:stages.index(stage)]
+                   if s in self.done)
 
     def run(self) -> KiloNeRFField:
         o = self.opts

@@ -1,0 +1,143 @@
+"""The whole-pipeline NeRF race (``--modality nerf``): routes and optimisers to a test PSNR.
+
+Each contender is one complete training run of :class:`NerfPipeline` (its route, its cell
+optimiser) on the same scene, field layout and total budget. While the cell networks train,
+the run is paused every ``probe_every`` seconds of training and the current field is
+rendered on the race's test views (not timed); a contender's time to a target is the first
+probe at or above it, so times are resolved to ``probe_every`` seconds (and to the end of
+the distillation stage, where a probe is taken too). During the distill route's teacher
+stage the cells do not exist yet, so that route cannot reach a target before it.
+
+``distill_batched_lbfgs`` (per-cell distillation with :class:`BatchedLBFGS`) is ours; the
+others are its rivals, and the JSON has the same shape as the optimiser race's: seconds to
+each target per seed, medians, final test PSNR, ratios (rival median / ours; a rival that
+misses counts at the budget and the ratio is marked a lower bound).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..benchmark import _summarise
+from ..io import UserError
+from .data import load_dataset
+from .evaluate import evaluate
+from .photometric import RayBank
+from .pipeline import NerfOptions, NerfPipeline
+from .race import LEGO_BOX
+
+OURS = "distill_batched_lbfgs"
+
+# route and cell optimiser per contender; the distill Adam rate is the best of the
+# nerf_distill race's sweep (cosine 3e-3 there), the direct rate is configs/lego.txt's
+CONTENDERS: Dict[str, Dict] = {
+    "distill_batched_lbfgs": dict(route="distill", optimizer="lbfgs"),
+    "distill_adam": dict(route="distill", optimizer="adam", lr=3e-3),
+    "direct_adam": dict(route="direct", optimizer="adam"),
+    "direct_batched_lbfgs": dict(route="direct", optimizer="lbfgs"),
+}
+
+NERF_PIPELINE_PRESETS = {
+    # lego at 100x100 with configs/lego.txt's field (16^3 cells, omega_0 10, 64^3 occupancy),
+    # every 8th test view (25), a test probe every 30 s of training
+    "lego": dict(downsample=4, test_every=8, options=dict(aabb=LEGO_BOX, omega_0=10.0),
+                 probe_every=30.0, budget=600.0, targets=(24.0, 26.0, 28.0),
+                 quick=dict(test_every=40, budget=240.0, targets=(22.0, 24.0, 26.0))),
+}
+
+
+def run_contender(name: str, opts: NerfOptions, bank: RayBank, test, probe_every: float,
+                  log: Callable[[str], None] = print) -> Dict:
+    """One training run with test probes: history ``[[seconds, test_psnr], ...]``."""
+    history: List[List[float]] = []
+
+    def probe(field, seconds):
+        m = evaluate(field, pipe.marcher, test, pipe.rs, progress=False)
+        history.append([seconds, m["test_psnr"]])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = NerfPipeline(opts, bank, bank.rgbs.device, f"{tmp}/ckpt.pt")
+        pipe.probe, pipe.probe_every = probe, probe_every
+        field = pipe.run()
+    final = history[-1][1] if history else float("nan")
+    log(f"  {name:24s} seed {opts.seed}: test PSNR {final:.2f} dB after "
+        f"{pipe.train_seconds():.1f} s, {pipe.function_evals()} evals, "
+        f"{field.n_nets} cells")
+    return {"history": history, "quality": final, "evals": pipe.function_evals(),
+            "seconds": pipe.train_seconds()}
+
+
+def run_pipeline_race(datadir: str, spec: Dict, seeds: Sequence[int],
+                      budget: Optional[float] = None,
+                      contenders: Optional[Sequence[str]] = None,
+                      device="cpu", log: Callable[[str], None] = print) -> Dict:
+    """Every contender over every seed; the results JSON (see the module docstring)."""
+    budget = budget or spec["budget"]
+    data = load_dataset(datadir, downsample=spec["downsample"], test_every=spec["test_every"])
+    train, test = data["train"], data["test"]
+    bank = RayBank(train, device)
+    base = NerfOptions(near=train.near, far=train.far, max_seconds=budget, progress=False,
+                       ckpt_every=1e9, **spec["options"])
+    names = list(contenders or CONTENDERS)
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise UserError(f"--contenders {' '.join(unknown)}: not a nerf contender; choose from "
+                        f"{' '.join(CONTENDERS)}")
+    targets = spec["targets"]
+    results = {}
+    for name in names:
+        runs = [run_contender(name, replace(base, seed=seed, **CONTENDERS[name]), bank, test,
+                              spec["probe_every"], log) for seed in seeds]
+        results[name] = _summarise(name, runs, targets)
+        results[name]["options"] = CONTENDERS[name]
+    return {"targets": list(targets), "seeds": list(seeds), "quality_name": "test_psnr",
+            "budget_seconds": budget, "probe_every": spec["probe_every"],
+            "n_test_views": len(test), "image_size": [train.W, train.H],
+            "results": list(results.values()), **ratios_to_ours(results, targets, budget)}
+
+
+def ratios_to_ours(results: Dict[str, Dict], targets: Sequence[float], budget: float) -> Dict:
+    """Rival median seconds / ours per target; misses count at the budget (lower bound)."""
+    ratios, lower = {}, {}
+    ours = results.get(OURS)
+    for t in map(str, targets):
+        ratios[t], lower[t] = {}, {}
+        mine = ours["median_seconds_to_target"][t] if ours else None
+        for name, r in results.items():
+            if name == OURS:
+                continue
+            theirs = r["median_seconds_to_target"][t]
+            ratios[t][name] = None if not mine else (budget if theirs is None else theirs) / mine
+            lower[t][name] = theirs is None
+    return {"ratios": ratios, "ratio_is_lower_bound": lower}
+
+
+def format_pipeline_tables(report: Dict) -> str:
+    targets = [str(t) for t in report["targets"]]
+    lines = ["| contender | " + " | ".join(f"s to {t} dB" for t in targets) +
+             " | test PSNR at end (dB) | evals |", "|" + "---|" * (len(targets) + 3)]
+    for r in report["results"]:
+        cells = []
+        for t in targets:
+            v = r["median_seconds_to_target"][t]
+            hits = sum(x is not None for x in r["seconds_to_target"][t])
+            n = len(r["seconds_to_target"][t])
+            cells.append("miss" if v is None else f"{v:.0f}" + ("" if hits == n else
+                                                                f" ({hits}/{n})"))
+        lines.append(f"| {r['contender']} | " + " | ".join(cells) +
+                     f" | {r['median_psnr_at_budget']:.2f} | "
+                     f"{int(statistics.median(r['function_evals']))} |")
+    lines += ["", f"| speed-up of {OURS} over | " + " | ".join(f"{t} dB" for t in targets) +
+              " |", "|" + "---|" * (len(targets) + 1)]
+    rivals = [r["contender"] for r in report["results"] if r["contender"] != OURS]
+    for rival in rivals:
+        cells = []
+        for t in targets:
+            v = report["ratios"][t].get(rival)
+            lb = report["ratio_is_lower_bound"][t].get(rival)
+            cells.append("n/a" if v is None else (">" if lb else "") + f"{v:.2f}x")
+        lines.append(f"| {rival} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+

@@ -1,0 +1,90 @@
+"""The whole-pipeline NeRF race (--modality nerf) on a tiny generated scene."""
+import pytest
+import torch
+
+from kilonerf_lbfgs.io import UserError
+from kilonerf_lbfgs.nerf.data import load_dataset
+from kilonerf_lbfgs.nerf.demo_scene import generate_demo_scene
+from kilonerf_lbfgs.nerf.photometric import RayBank
+from kilonerf_lbfgs.nerf.pipeline import NerfOptions, NerfPipeline
+from kilonerf_lbfgs.nerf.pipeline_race import (OURS, format_pipeline_tables, ratios_to_ours,
+                                               run_contender, run_pipeline_race)
+
+BOX = [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
+SMALL = dict(aabb=BOX, grid_res=4, occ_res=32, batch_rays=512, width=8, depth=2,
+             feature_dim=4, head_width=8, teacher_res=32, teacher_color_res=16,
+             distill_rays=2048, distill_max_per_cell=64)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("race_scene"))
+    generate_demo_scene(d, size=16, n_train=12, n_test=2)
+    return d
+
+
+def _bank_and_test(scene):
+    data = load_dataset(scene)
+    return RayBank(data["train"]), data["test"], data["train"]
+
+
+def test_probes_do_not_change_training(scene, tmp_path):
+    bank, test, train = _bank_and_test(scene)
+    states = []
+    for with_probe in (False, True):
+        opts = NerfOptions(route="direct", optimizer="adam", max_seconds=1e9, max_steps=12,
+                           near=train.near, far=train.far, progress=False, ckpt_every=1e9,
+                           **SMALL)
+        pipe = NerfPipeline(opts, bank, "cpu", str(tmp_path / f"c{with_probe}.pt"))
+        seen = []
+        if with_probe:
+            from kilonerf_lbfgs.nerf.evaluate import evaluate
+            pipe.probe = lambda f, s: seen.append(
+                (s, evaluate(f, pipe.marcher, test, pipe.rs, progress=False)["test_psnr"]))
+            pipe.probe_every = 0.0            # after every step
+        field = pipe.run()
+        states.append({k: v.clone() for k, v in field.state_dict().items()})
+        if with_probe:
+            assert len(seen) == 12            # every step, the end included once
+            secs = [s for s, _ in seen]
+            assert secs == sorted(secs) and secs[-1] == pytest.approx(pipe.train_seconds())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_distill_route_probes_only_after_the_teacher(scene):
+    bank, test, train = _bank_and_test(scene)
+    opts = NerfOptions(route="distill", optimizer="lbfgs", max_seconds=3.0, near=train.near,
+                       far=train.far, progress=False, ckpt_every=1e9, history_size=5, **SMALL)
+    run = run_contender(OURS, opts, bank, test, probe_every=0.5, log=lambda s: None)
+    secs = [s for s, _ in run["history"]]
+    assert secs and secs == sorted(secs)
+    # no cells exist before the teacher's 40% of the budget
+    assert secs[0] >= opts.teacher_fraction * opts.max_seconds
+    assert run["quality"] == run["history"][-1][1]
+    assert run["seconds"] <= opts.max_seconds + 1.0      # probes are not timed
+
+
+def test_ratios_count_misses_at_the_budget():
+    def entry(t10, t20):
+        return {"median_seconds_to_target": {"10": t10, "20": t20}}
+    res = {OURS: entry(2.0, 5.0), "direct_adam": entry(4.0, None), "distill_adam": entry(1.0, 10.0)}
+    r = ratios_to_ours(res, (10, 20), budget=50.0)
+    assert r["ratios"]["10"]["direct_adam"] == 2.0
+    assert r["ratios"]["20"]["direct_adam"] == 10.0
+    assert r["ratio_is_lower_bound"]["20"]["direct_adam"] is True
+    assert r["ratios"]["10"]["distill_adam"] == 0.5
+    assert r["ratio_is_lower_bound"]["10"]["distill_adam"] is False
+
+
+def test_tiny_pipeline_race_and_unknown_contender(scene):
+    spec = dict(downsample=1, test_every=1, options=dict(SMALL, history_size=5),
+                probe_every=0.5, budget=2.0, targets=(8.0, 12.0))
+    rep = run_pipeline_race(scene, spec, seeds=[0], contenders=[OURS, "direct_adam"],
+                            log=lambda s: None)
+    assert [r["contender"] for r in rep["results"]] == [OURS, "direct_adam"]
+    assert set(rep["ratios"]["8.0"]) == {"direct_adam"}
+    table = format_pipeline_tables(rep)
+    assert "direct_adam" in table and "s to 12.0 dB" in table
+    with pytest.raises(UserError, match="--contenders"):
+        run_pipeline_race(scene, spec, seeds=[0], contenders=["sgd"])
