@@ -258,7 +258,7 @@ def format_tables(report: Dict) -> str:
     unit = " dB" if q == "psnr" else ""
     qlabel = "PSNR at end (dB)" if q == "psnr" else f"{q.upper()} at end"
     lines = []
-    head = f"| contender | " + " | ".join(f"s to {t}{unit}" for t in targets) + \
+    head = "| contender | " + " | ".join(f"s to {t}{unit}" for t in targets) + \
         f" | {qlabel} | evals |"
     lines += [head, "|" + "---|" * (len(targets) + 3)]
     for r in report["results"]:

@@ -102,11 +102,9 @@ def main():
         print(f"== {args.modality} {preset}{' (quick)' if args.quick else ''}: "
               f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
         if args.modality == "nerf_distill":
-            meta["target_note"] = (
-                "targets are distill_psnr = -10 log10(mean per-sample loss: (alpha_s - "
-                "alpha_t)^2 + mean rgb squared error); the issue asks for the loss at which "
-                "the fine-tuned model loses at most 0.5 dB of test PSNR: that calibration "
-                "has not been run yet, so these targets are provisional")
+            from kilonerf_lbfgs.nerf.race import apply_calibration
+            apply_calibration(race, meta, os.path.join(
+                "bench", f"nerf_distill_calibration{'_quick' if args.quick else ''}.json"))
         report = {**meta, "preset": preset, "data": data,
                   **({"image": args.image} if args.modality == "image" else {}),
                   **run_race(race, args.contenders)}

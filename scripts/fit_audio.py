@@ -7,7 +7,6 @@ import math
 import os
 
 from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
-from kilonerf_lbfgs.io import UserError
 from kilonerf_lbfgs.metrics import psnr, snr_db
 from kilonerf_lbfgs.runner import add_model_args, check_model_args, make_model, run_fit, setup_run
 from kilonerf_lbfgs.signals.audio import (AudioProblem, load_audio, omega_for_cells,

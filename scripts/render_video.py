@@ -8,7 +8,6 @@ import os
 import time
 
 import imageio.v2 as imageio
-import numpy as np
 import torch
 
 from kilonerf_lbfgs.backends import resolve_device

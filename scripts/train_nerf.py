@@ -7,10 +7,9 @@ then evaluate it on the test split.
 """
 import os
 
-import torch
 
 from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
-from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
+from kilonerf_lbfgs.io import plot_convergence, save_json
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, options_from_args
 from kilonerf_lbfgs.nerf.evaluate import evaluate
 from kilonerf_lbfgs.nerf.photometric import RayBank

@@ -1,6 +1,5 @@
 """Tests of the batched per-cell L-BFGS (kilonerf_lbfgs.optim)."""
 import copy
-import math
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import trimesh
 
 from kilonerf_lbfgs.fitting import FitConfig, fit
 from kilonerf_lbfgs.multinet import MultiMLP
-from kilonerf_lbfgs.signals.shape import (ShapeProblem, inside_mesh, iou, make_shape_problem,
+from kilonerf_lbfgs.signals.shape import (inside_mesh, iou, make_shape_problem,
                                           normalize_mesh, sample_points, signed_distance,
                                           torus_knot_mesh)
 from kilonerf_lbfgs.signals.shape_export import chamfer, extract_mesh, field_volume

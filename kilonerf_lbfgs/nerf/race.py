@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -50,9 +51,29 @@ def _teacher_cache(datadir: str, spec: Dict, cache_dir: str) -> str:
     return os.path.join(cache_dir, f"nerf_teacher_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt")
 
 
-def build_distill_race(spec: Dict, datadir: str, seeds: Sequence[int], budget: Optional[float],
-                       cache_dir: str = "bench", progress: bool = True) -> Race:
-    data = load_dataset(datadir, downsample=spec["downsample"])
+@dataclass
+class DistillSetup:
+    """What every distillation contender (and the target calibration) shares."""
+    data: Dict                      # the scene's splits
+    opts: NerfOptions
+    rs: object                      # RenderSettings
+    bank: RayBank
+    marcher: Marcher                # the teacher's occupancy grid
+    teacher: DenseGridTeacher
+    occupied: torch.Tensor          # [grid_res^3] bool: cells that hold a network
+    problem: DistillProblem
+
+    def make_field(self, seed: int) -> KiloNeRFField:
+        o = self.opts
+        return KiloNeRFField(o.aabb, o.grid_res, self.occupied.cpu(), o.width, o.depth,
+                             o.feature_dim, o.head_width, o.activation, o.omega_0,
+                             o.head_omega, generator=torch.Generator().manual_seed(1000 + seed))
+
+
+def prepare_distillation(spec: Dict, datadir: str, cache_dir: str = "bench",
+                         progress: bool = True, test_every: int = 1) -> DistillSetup:
+    """Load the scene, train (or load the cached) teacher, collect the distillation samples."""
+    data = load_dataset(datadir, downsample=spec["downsample"], test_every=test_every)
     opts = NerfOptions(aabb=list(spec["aabb"]), grid_res=spec["grid_res"],
                        occ_res=spec["occ_res"], omega_0=spec["omega_0"],
                        near=data["train"].near, far=data["train"].far)
@@ -75,21 +96,47 @@ def build_distill_race(spec: Dict, datadir: str, seeds: Sequence[int], budget: O
         marcher.update(teacher.density, rs.step_size)
         save_checkpoint(path, {"teacher": teacher.state_dict(), "marcher": marcher.state_dict()})
     occupied = marcher.grid.cells_occupied(CellGrid(opts.aabb[:3], opts.aabb[3:], opts.grid_res))
-
-    def make_field(seed: int) -> KiloNeRFField:
-        return KiloNeRFField(opts.aabb, opts.grid_res, occupied.cpu(), opts.width, opts.depth,
-                             opts.feature_dim, opts.head_width, opts.activation, opts.omega_0,
-                             opts.head_omega, generator=torch.Generator().manual_seed(1000 + seed))
-
-    samples = collect_distill_samples(teacher, marcher, bank, make_field(0), rs,
+    setup = DistillSetup(data, opts, rs, bank, marcher, teacher, occupied, None)
+    samples = collect_distill_samples(teacher, marcher, bank, setup.make_field(0), rs,
                                       spec["distill_rays"], spec["max_per_cell"],
                                       torch.Generator().manual_seed(1))
-    problem = DistillProblem(samples, rs.step_size)
-    print(f"distillation: {problem.n_cells} cells with networks "
+    setup.problem = DistillProblem(samples, rs.step_size)
+    print(f"distillation: {setup.problem.n_cells} cells with networks "
           f"({int(occupied.sum())}/{occupied.numel()}), {int(samples.counts.sum())} samples")
+    return setup
+
+
+def build_distill_race(spec: Dict, datadir: str, seeds: Sequence[int], budget: Optional[float],
+                       cache_dir: str = "bench", progress: bool = True) -> Race:
+    setup = prepare_distillation(spec, datadir, cache_dir, progress)
     m = spec["history_size"]
-    return Race(problem, make_field, targets=spec["targets"], budget=budget or spec["budget"],
-                seeds=seeds, lbfgs=FitConfig(optimizer="lbfgs", history_size=m),
+    return Race(setup.problem, setup.make_field, targets=spec["targets"],
+                budget=budget or spec["budget"], seeds=seeds,
+                lbfgs=FitConfig(optimizer="lbfgs", history_size=m),
                 torch_lbfgs=FitConfig(optimizer="torch_lbfgs", history_size=m, evals_per_step=20),
                 per_cell_lbfgs=FitConfig(optimizer="torch_lbfgs", history_size=m,
                                          evals_per_step=20))
+
+
+def apply_calibration(race: Race, meta: Dict, path: str) -> None:
+    """Add the calibrated target (``scripts/calibrate_distill_target.py`` wrote ``path``) to
+    the race's targets, and say in ``meta["target_note"]`` where every target comes from."""
+    calib = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            calib = json.load(f)
+    if calib is None or calib.get("calibrated_target") is None:
+        meta["target_note"] = (
+            "targets are distill_psnr = -10 log10(mean per-sample loss: (alpha_s - alpha_t)^2 "
+            f"+ mean rgb squared error); no calibrated target in {path} (run "
+            "scripts/calibrate_distill_target.py), so they are provisional")
+        return
+    target = float(calib["calibrated_target"])
+    race.targets = tuple(sorted(set(map(float, race.targets)) | {target}))
+    meta["calibrated_target"] = target
+    meta["target_note"] = (
+        f"calibrated target: distill_psnr {target:g} is the lowest level at which the field, "
+        f"fine-tuned for {calib['finetune_steps']} Adam steps, is within "
+        f"{calib['tolerance_db']} dB of the best fine-tuned test PSNR "
+        f"({calib['reference_test_psnr']:.2f} dB on {calib['n_test_views']} test views; "
+        f"{path}); the other targets are a ladder for the curves")
