@@ -104,3 +104,47 @@ def global_mse(cell_mse: torch.Tensor, packed: PackedSamples) -> torch.Tensor:
     """The whole signal's MSE from per-cell MSEs ``[n]`` (weights = samples per cell)."""
     w = packed.counts.to(cell_mse.dtype)
     return (cell_mse * w).sum() / w.sum()
+
+
+@dataclass
+class GroupedSamples:
+    """The real samples of a :class:`PackedSamples` in groups of at most ``max_group``, each
+    group holding one cell's samples (a large cell spans several groups), so uneven cells
+    cost about the real sample count, not ``n_cells x`` the largest count.
+
+    Attributes:
+        x: ``[G, W, d]``; y: ``[G, W, c]``; mask: ``[G, W]`` (1 real, 0 padding).
+        cells: ``[G]`` long, the packed row (cell) each group belongs to.
+    """
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    cells: torch.Tensor
+
+
+def regroup(packed: PackedSamples, max_group: Optional[int] = None) -> GroupedSamples:
+    """Regroup ``packed``'s real samples; ``max_group`` defaults to a quarter of the mean
+    count per non-empty cell (at least 32), which bounds the padding by about a quarter of
+    the real samples plus one group per cell."""
+    keep = packed.index >= 0
+    n, width = keep.shape
+    rows = torch.arange(n, device=keep.device)[:, None].expand(n, width)[keep]
+    x, y = packed.x[keep], packed.y[keep]
+    if max_group is None:
+        nonempty = max(int((packed.counts > 0).sum()), 1)
+        max_group = max(32, -(-rows.numel() // (4 * nonempty)))
+    p = pack_by_cell(rows, n, max_group=max_group)
+    g, w = p.n_groups, p.width
+    xg = x.new_zeros(g, w, x.shape[1])
+    yg = y.new_zeros(g, w, y.shape[1])
+    mask = x.new_zeros(g, w)
+    xg[p.group, p.slot] = x[p.order]
+    yg[p.group, p.slot] = y[p.order]
+    mask[p.group, p.slot] = 1.0
+    return GroupedSamples(xg, yg, mask, p.cells)
+
+
+def grouped_cell_sse(pred: torch.Tensor, groups: GroupedSamples, n_cells: int) -> torch.Tensor:
+    """Sum of squared errors per cell from group predictions ``pred [G, W, c]`` -> ``[n]``."""
+    err = (((pred - groups.y) ** 2) * groups.mask[..., None]).sum(dim=(1, 2))
+    return err.new_zeros(n_cells).index_add(0, groups.cells, err)

@@ -7,7 +7,8 @@ import torch
 
 from .fitting import CellProblem
 from .metrics import psnr_from_mse
-from .packing import PackedSamples, global_mse, per_cell_mse
+from .packing import (GroupedSamples, PackedSamples, global_mse, grouped_cell_sse,
+                      per_cell_mse, regroup)
 
 
 class PackedMSEProblem(CellProblem):
@@ -22,7 +23,14 @@ class PackedMSEProblem(CellProblem):
             ``chunk_cells`` cells at a time, so the autograd tape never holds more than one
             chunk's activations (memory bounded for long signals such as video); the losses
             and gradients are the same as in one pass.
+
+    When the cells' sample counts are uneven (the padded layout holds more than
+    ``REGROUP_WASTE`` times the real samples, e.g. a shape's near-surface samples) and no
+    chunking is asked for, the losses are computed on :func:`regroup`'s bounded groups
+    instead (same losses and gradients, about the real sample count of work).
     """
+
+    REGROUP_WASTE = 1.5
 
     quality_name = "psnr"
 
@@ -35,6 +43,11 @@ class PackedMSEProblem(CellProblem):
         x = packed.x
         # equal cells see the same local coordinates: evaluate them as one shared set
         self.x_eval = x[:1] if packed.mask is None and bool((x == x[:1]).all()) else x
+        self.groups: Optional[GroupedSamples] = None
+        real = int(packed.counts.sum())
+        if packed.mask is not None and (chunk_cells is None or chunk_cells >= packed.n_cells) \
+                and packed.mask.numel() > self.REGROUP_WASTE * max(real, 1):
+            self.groups = regroup(packed)
 
     @property
     def n_cells(self) -> int:
@@ -45,6 +58,12 @@ class PackedMSEProblem(CellProblem):
         return model.forward_dense(self.x_eval, self.cells)
 
     def cell_losses(self, model) -> torch.Tensor:
+        if self.groups is not None:
+            g = self.groups
+            cells = g.cells if self.cells is None else self.cells[g.cells]
+            sse = grouped_cell_sse(model.forward_dense(g.x, cells), g, self.n_cells)
+            denom = (self.packed.counts * self.packed.y.shape[-1]).clamp(min=1)
+            return sse / denom.to(sse.dtype)
         if self.chunk_cells is None or self.chunk_cells >= self.n_cells:
             return per_cell_mse(self.predict(model), self.packed)
         return torch.cat([self._chunk_losses(model, rows) for rows in self._chunks()])

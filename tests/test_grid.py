@@ -275,3 +275,36 @@ def test_pack_samples_default_dtype_is_float32_and_rows_checked():
     torch.testing.assert_close(packed.unpack(packed.y), values.float(), rtol=0, atol=0)
     with pytest.raises(ValueError):
         pack_samples(coords, values[:-1], grid)
+
+
+def test_regrouped_losses_and_gradients_equal_the_padded_layout():
+    from kilonerf_lbfgs.multinet import MultiMLP
+    from kilonerf_lbfgs.packing import per_cell_mse, regroup
+    from kilonerf_lbfgs.problems import PackedMSEProblem
+    g = torch.Generator().manual_seed(0)
+    grid = CellGrid([0.0, 0.0], [1.0, 1.0], [3, 3])
+    # very uneven: most points crowd into one corner cell, one cell stays empty
+    crowd = torch.rand(900, 2, generator=g) * 0.3
+    rest = torch.rand(200, 2, generator=g) * torch.tensor([1.0, 0.6])
+    pts = torch.cat([crowd, rest]).double()
+    vals = torch.sin(6 * pts).float()
+    packed = pack_samples(pts, vals, grid)
+    assert int((packed.counts == 0).sum()) >= 1 and packed.mask is not None
+    problem = PackedMSEProblem(packed)
+    assert problem.groups is not None                     # uneven enough to regroup
+    assert problem.groups.mask.numel() < 1.5 * int(packed.counts.sum())
+    model = MultiMLP(9, 2, 2, 16, 2, generator=torch.Generator().manual_seed(1))
+    fast = problem.loss_and_backward(model)
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = per_cell_mse(model.forward_dense(packed.x), packed)
+    ref.sum().backward()
+    torch.testing.assert_close(fast, ref.detach(), rtol=1e-5, atol=1e-7)
+    for a, p in zip(fast_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    # every real sample appears exactly once in the groups
+    gr = regroup(packed, max_group=50)
+    assert int(gr.mask.sum()) == int(packed.counts.sum())
+    assert int(gr.mask.sum(1).max()) <= 50
+    per_cell = torch.zeros(9).index_add(0, gr.cells, gr.mask.sum(1))
+    assert torch.equal(per_cell.long(), packed.counts)
