@@ -99,12 +99,12 @@ def main():
         if args.sweep_seeds is not None:
             require_positive(args, "sweep_seeds")
             race.sweep_seeds = args.sweep_seeds
-        print(f"== {args.modality} {preset}{' (quick)' if args.quick else ''}: "
-              f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
         if args.modality == "nerf_distill":
             from kilonerf_lbfgs.nerf.race import apply_calibration
             apply_calibration(race, meta, os.path.join(
                 "bench", f"nerf_distill_calibration{'_quick' if args.quick else ''}.json"))
+        print(f"== {args.modality} {preset}{' (quick)' if args.quick else ''}: "
+              f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
         report = {**meta, "preset": preset, "data": data,
                   **({"image": args.image} if args.modality == "image" else {}),
                   **run_race(race, args.contenders)}
