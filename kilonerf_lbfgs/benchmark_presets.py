@@ -46,9 +46,9 @@ VIDEO_PRESETS = {
 
 SHAPE_PRESETS = {
     # armadillo occupancy, 4x4x4 cells, sine 3x32 (omega_0 10); IoU on held-out uniform points.
-    # 400k training points: ~2.7 per network parameter. With 100k (0.7 per parameter) L-BFGS
+    # 400k training points: ~2.7 per network parameter. With 50k (0.34 per parameter) L-BFGS
     # fitted the training points and generalised worse than Adam (IoU 0.75 vs 0.84 at 30 s);
-    # at 400k the order turned (0.957 vs 0.954 at 120 s): see the README
+    # more points shrink that gap but do not close it: see the README
     "armadillo": dict(mesh=os.path.join(SHARED_DATA, "meshes", "armadillo.obj"),
                       target="occupancy", grid=(4, 4, 4), points=400_000, eval_points=50_000,
                       width=32, depth=3, omega_0=10.0, targets=(0.9, 0.95, 0.97), budget=90.0,
