@@ -251,16 +251,13 @@ def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dic
             "psnr_gain_at_budget": gains}
 
 
-def format_tables(report: Dict) -> str:
-    """Plain-text tables: median seconds to each target and PSNR at budget; ratios."""
+def results_table(report: Dict, unit: str, qlabel: str, qdigits: int) -> List[str]:
+    """Markdown rows: each contender's median seconds to each target (misses and partial
+    hits marked), its median quality at the end and its median evaluations."""
     targets = [str(t) for t in report["targets"]]
-    q = report.get("quality_name", "psnr")
-    unit = " dB" if q == "psnr" else ""
-    qlabel = "PSNR at end (dB)" if q == "psnr" else f"{q.upper()} at end"
-    lines = []
     head = "| contender | " + " | ".join(f"s to {t}{unit}" for t in targets) + \
         f" | {qlabel} | evals |"
-    lines += [head, "|" + "---|" * (len(targets) + 3)]
+    lines = [head, "|" + "---|" * (len(targets) + 3)]
     for r in report["results"]:
         cells = []
         for t in targets:
@@ -274,18 +271,34 @@ def format_tables(report: Dict) -> str:
         label = r["contender"] + ("" if n_seeds == len(report["seeds"]) else
                                   f" ({n_seeds} of {len(report['seeds'])} seeds)")
         lines.append(f"| {label} | " + " | ".join(cells) +
-                     f" | {r['median_psnr_at_budget']:.{2 if q == 'psnr' else 4}f} | {evals} |")
+                     f" | {r['median_psnr_at_budget']:.{qdigits}f} | {evals} |")
+    return lines
+
+
+def ratio_cells(report: Dict, rival: str) -> List[str]:
+    """``1.23x`` per target (``>`` for a lower bound, ``n/a`` where ours missed)."""
+    cells = []
+    for t in map(str, report["targets"]):
+        v = report["ratios"][t].get(rival)
+        lb = report["ratio_is_lower_bound"][t].get(rival, False)
+        cells.append("n/a" if v is None else (">" if lb else "") + f"{v:.2f}x")
+    return cells
+
+
+def format_tables(report: Dict) -> str:
+    """Plain-text tables: median seconds to each target and PSNR at budget; ratios."""
+    targets = [str(t) for t in report["targets"]]
+    q = report.get("quality_name", "psnr")
+    unit = " dB" if q == "psnr" else ""
+    qlabel = "PSNR at end (dB)" if q == "psnr" else f"{q.upper()} at end"
+    lines = results_table(report, unit, qlabel, 2 if q == "psnr" else 4)
     lines.append("")
     rivals = [k for k in RIVALS if any(k in report["ratios"][t] for t in targets)]
     gain = "PSNR gain at end (dB)" if q == "psnr" else f"{q.upper()} gain at end"
     lines += ["| speed-up of batched_lbfgs over | " + " | ".join(f"{t}{unit}" for t in targets) +
               f" | {gain} |", "|" + "---|" * (len(targets) + 2)]
     for rival in rivals:
-        cells = []
-        for t in targets:
-            v = report["ratios"][t].get(rival)
-            lb = report["ratio_is_lower_bound"][t].get(rival, False)
-            cells.append("n/a" if v is None else (">" if lb else "") + f"{v:.2f}x")
+        cells = ratio_cells(report, rival)
         g = report["psnr_gain_at_budget"].get(rival)
         lines.append(f"| {rival} | " + " | ".join(cells) + " | " +
                      ("" if g is None else f"{g:+.{2 if q == 'psnr' else 4}f}") + " |")

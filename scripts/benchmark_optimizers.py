@@ -14,7 +14,8 @@ import configargparse
 import torch
 
 from kilonerf_lbfgs.benchmark import Race, _adam_rank_key, format_tables, run_race
-from kilonerf_lbfgs.benchmark_presets import MODALITIES, PRESETS, SHARED_DATA, study_races
+from kilonerf_lbfgs.benchmark_presets import (MODALITIES, PRESETS, SHARED_DATA, _data_path,
+                                             study_races)
 from kilonerf_lbfgs.config import parse_args, require_positive, run_main
 from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
 
@@ -80,10 +81,8 @@ def main():
         spec = dict(NERF_PIPELINE_PRESETS[preset])
         if args.quick:
             spec.update(spec["quick"])
-        datadir = args.datadir or os.path.join(SHARED_DATA, "nerf_synthetic", "lego")
-        if not os.path.isdir(datadir):
-            raise UserError(f"--datadir {datadir}: no such folder; get the shared data (see "
-                            f"../shared/data/README.md) or pass --datadir PATH")
+        datadir = _data_path(args.datadir or os.path.join(SHARED_DATA, "nerf_synthetic",
+                                                          "lego"), "--datadir")
         print(f"== nerf {preset}{' (quick)' if args.quick else ''}: budget "
               f"{args.budget or spec['budget']:.0f} s per run, seeds {seeds}, test PSNR "
               f"targets {list(spec['targets'])}, a test probe every {spec['probe_every']:.0f} s")

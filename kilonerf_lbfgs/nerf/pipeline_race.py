@@ -15,12 +15,11 @@ misses counts at the budget and the ratio is marked a lower bound).
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..benchmark import _summarise
+from ..benchmark import _summarise, ratio_cells, results_table
 from ..io import UserError
 from .data import load_dataset
 from .evaluate import evaluate
@@ -116,28 +115,11 @@ def ratios_to_ours(results: Dict[str, Dict], targets: Sequence[float], budget: f
 
 def format_pipeline_tables(report: Dict) -> str:
     targets = [str(t) for t in report["targets"]]
-    lines = ["| contender | " + " | ".join(f"s to {t} dB" for t in targets) +
-             " | test PSNR at end (dB) | evals |", "|" + "---|" * (len(targets) + 3)]
-    for r in report["results"]:
-        cells = []
-        for t in targets:
-            v = r["median_seconds_to_target"][t]
-            hits = sum(x is not None for x in r["seconds_to_target"][t])
-            n = len(r["seconds_to_target"][t])
-            cells.append("miss" if v is None else f"{v:.0f}" + ("" if hits == n else
-                                                                f" ({hits}/{n})"))
-        lines.append(f"| {r['contender']} | " + " | ".join(cells) +
-                     f" | {r['median_psnr_at_budget']:.2f} | "
-                     f"{int(statistics.median(r['function_evals']))} |")
+    lines = results_table(report, " dB", "test PSNR at end (dB)", 2)
     lines += ["", f"| speed-up of {OURS} over | " + " | ".join(f"{t} dB" for t in targets) +
               " |", "|" + "---|" * (len(targets) + 1)]
-    rivals = [r["contender"] for r in report["results"] if r["contender"] != OURS]
-    for rival in rivals:
-        cells = []
-        for t in targets:
-            v = report["ratios"][t].get(rival)
-            lb = report["ratio_is_lower_bound"][t].get(rival)
-            cells.append("n/a" if v is None else (">" if lb else "") + f"{v:.2f}x")
-        lines.append(f"| {rival} | " + " | ".join(cells) + " |")
+    for r in report["results"]:
+        if r["contender"] != OURS:
+            cells = ratio_cells(report, r["contender"])
+            lines.append(f"| {r['contender']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
