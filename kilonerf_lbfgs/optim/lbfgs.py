@@ -44,6 +44,16 @@ def _project(sy: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
     return out.transpose(1, 2).reshape(n, 2 * m)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-cell dot products ``a [n, p] . b [n, p] -> [n]`` float64.
+
+    One batched matrix product in the parameters' dtype: a single pass over both operands
+    (an elementwise product in float64 costs ~12x more on CPU, and these run ~7 times per
+    evaluation). The curvature projections in :func:`_project` accumulate the same way.
+    """
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1).double()
+
+
 def _combine(sy: torch.Tensor, coef: torch.Tensor, k: int) -> torch.Tensor:
     """``coef[:, :m] S + coef[:, m:] Y`` over the first ``k`` slots -> ``[n, p]``."""
     n, m = sy.shape[:2]
@@ -182,7 +192,7 @@ class BatchedLBFGS(Optimizer):
                                     self._work)
         d = -(st["gamma"].to(grad.dtype)[:, None] * grad
               + _combine(st["sy"], coef, st["slots_used"]))
-        gtd_cell = (grad.double() * d.double()).sum(1)
+        gtd_cell = _dot(grad, d)
         # not a descent direction (rounding, bad pairs): drop the history, use -grad
         bad = ~(gtd_cell < 0) | ~torch.isfinite(gtd_cell)
         if where is not None:
@@ -192,10 +202,10 @@ class BatchedLBFGS(Optimizer):
         # d = -(dgamma * grad + dcoef . [S;Y]): kept to get s^T Y without a pass over Y
         dgamma = torch.where(bad, torch.ones_like(st["gamma"]), st["gamma"])
         dcoef = torch.where(bad[:, None], torch.zeros_like(coef), coef)
-        gtd_cell = (grad.double() * d.double()).sum(1)
+        gtd_cell = _dot(grad, d)
         f0_line, gtd0 = self._line_values(st["f0"], gtd_cell, separable)
         # no history (first step, or after a reset): scale the step to at most lr in l1 norm
-        gnorm1 = grad.double().abs().sum(1)
+        gnorm1 = grad.abs().sum(1).double()
         if not separable:
             gnorm1 = gnorm1.sum().reshape(1)
         no_hist_line = ~st["valid"].any(1)
@@ -252,7 +262,7 @@ class BatchedLBFGS(Optimizer):
             loss, grad, _ = self._evaluate(closure)
             active = st["status"] == ACTIVE
             st["n_evals"] += active.long()
-            gtd_cell = (grad.double() * st["d"].double()).sum(1)
+            gtd_cell = _dot(grad, st["d"])
             f_line, gtd_line = self._line_values(loss, gtd_cell, separable)
             if separable:  # non-finite gradient in a cell makes its trial fail
                 gtd_line = torch.where(torch.isfinite(grad).all(1), gtd_line,
@@ -289,8 +299,8 @@ class BatchedLBFGS(Optimizer):
             s = t_acc.to(grad.dtype)[:, None] * st["d"]
             x_new = st["x0"] + s
             y = g_new - st["g0"]
-            sy = (s.double() * y.double()).sum(1)
-            yy = (y.double() * y.double()).sum(1)
+            sy = _dot(s, y)
+            yy = _dot(y, y)
             keep = accept & (sy > g["curvature_eps"] * yy) & (yy > 0) & \
                 torch.isfinite(sy) & torch.isfinite(yy)
             proj_new = _project(st["sy"], g_new, st["slots_used"])              # [S;Y]_old g
@@ -321,8 +331,8 @@ class BatchedLBFGS(Optimizer):
             st["ptr"] = torch.where(keep, (j + 1) % m, j)
             st["gamma"] = torch.where(keep, sy / yy.clamp(min=1e-300), st["gamma"])
             # [S;Y]_new g: patch the rewritten slot
-            sg = (s.double() * g_new.double()).sum(1)
-            yg = (y.double() * g_new.double()).sum(1)
+            sg = _dot(s, g_new)
+            yg = _dot(y, g_new)
             proj_new[rows, j] = torch.where(keep, sg, proj_new[rows, j])
             proj_new[rows, m + j] = torch.where(keep, yg, proj_new[rows, m + j])
 
