@@ -37,6 +37,10 @@ class Race:
     # constant lr and the best cosine lr found there then run on every seed, and only
     # entries run on every seed compete for best_adam
     sweep_seeds: Optional[int] = None
+    # Adam's constant rates (each also gives a cosine candidate); a race may narrow the grid
+    # to the rates an earlier full sweep showed competitive, and says so (``adam_lrs`` in
+    # the JSON)
+    adam_lrs: Sequence[float] = ADAM_LRS
     lbfgs: FitConfig = field(default_factory=lambda: FitConfig(optimizer="lbfgs"))
     torch_lbfgs: FitConfig = field(default_factory=lambda: FitConfig(
         optimizer="torch_lbfgs", history_size=100, evals_per_step=20))
@@ -168,7 +172,7 @@ def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
         sweep, rest = list(race.seeds[:n_sweep]), list(race.seeds[n_sweep:])
         rank = lambda names: sorted(names, key=lambda n: _adam_rank_key(
             results[n], race.targets), reverse=True)
-        for lr in ADAM_LRS:
+        for lr in race.adam_lrs:
             name = f"adam_lr={lr:g}"
             race_one(name, _run_fit, FitConfig(optimizer="adam", lr=lr), sweep)
             adam_names.append(name)
@@ -242,7 +246,7 @@ def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dic
             if name in results:
                 gains[name] = mine - results[name]["median_psnr_at_budget"]
     return {"targets": list(race.targets), "seeds": list(race.seeds),
-            "adam_sweep_seeds": race.sweep_seeds,
+            "adam_sweep_seeds": race.sweep_seeds, "adam_lrs": list(race.adam_lrs),
             "quality_name": getattr(race.problem, "quality_name", "psnr"),
             "budget_seconds": budget,
             "results": list(results.values()),

@@ -36,6 +36,9 @@ def main():
     p.add_argument("--sweep_seeds", type=int, default=None,
                    help="run Adam's learning-rate sweep on this many seeds only, then its best "
                         "constant and best cosine settings on every seed (default: all seeds)")
+    p.add_argument("--adam_lrs", type=float, nargs="+", default=None,
+                   help="Adam's constant rates to sweep (default 1e-4 3e-4 1e-3 3e-3 1e-2); the "
+                        "cosine candidates come from the best two")
     p.add_argument("--contenders", nargs="+", default=None,
                    help="subset: batched_lbfgs adam torch_lbfgs_joint torch_lbfgs_per_cell")
     p.add_argument("--image", default=None,
@@ -98,6 +101,10 @@ def main():
         if args.sweep_seeds is not None:
             require_positive(args, "sweep_seeds")
             race.sweep_seeds = args.sweep_seeds
+        if args.adam_lrs is not None:
+            if not args.adam_lrs or min(args.adam_lrs) <= 0:
+                raise UserError(f"--adam_lrs {args.adam_lrs}: give one or more positive rates")
+            race.adam_lrs = tuple(args.adam_lrs)
         if args.modality == "nerf_distill":
             from kilonerf_lbfgs.nerf.race import apply_calibration
             apply_calibration(race, meta, os.path.join(

@@ -89,3 +89,14 @@ def test_sweep_on_one_seed_then_best_settings_on_every_seed():
         hit = [x for x in full_times if x is not None]
         assert rep["rival_median_seconds_to_target"][t]["best_adam"] == (min(hit) if hit else None)
     assert "(1 of 3 seeds)" in format_tables(rep)
+
+
+def test_narrowed_adam_grid_sweeps_only_those_rates():
+    img = np.random.default_rng(2).random((8, 8, 1)).astype(np.float32)
+    race = Race(ImageProblem(img, (2, 2)),
+                lambda seed: MultiMLP(4, 2, 1, 8, 1, generator=torch.Generator().manual_seed(seed)),
+                targets=(15,), budget=0.2, seeds=[0], adam_lrs=(1e-3, 1e-2), log=lambda s: None)
+    rep = run_race(race, contenders=["adam"])
+    names = {r["contender"] for r in rep["results"]}
+    assert names == {"adam_lr=0.001", "adam_lr=0.01", "adam_cos_lr=0.001", "adam_cos_lr=0.01"}
+    assert rep["adam_lrs"] == [1e-3, 1e-2]
