@@ -46,10 +46,21 @@ def add_nerf_args(p) -> None:
     a("--batch_rays", type=int, default=DEFAULTS.batch_rays)
     a("--teacher_fraction", type=float, default=DEFAULTS.teacher_fraction)
     a("--distill_fraction", type=float, default=DEFAULTS.distill_fraction)
-    a("--teacher_res", type=int, default=DEFAULTS.teacher_res)
-    a("--teacher_color_res", type=int, default=DEFAULTS.teacher_color_res)
-    a("--teacher_lr", type=float, default=DEFAULTS.teacher_lr)
-    a("--tv_weight", type=float, default=DEFAULTS.tv_weight)
+    a("--teacher", default=DEFAULTS.teacher, choices=["dense", "hash"],
+      help="distill route's teacher: dense grids, or a hash encoding (tinycudann on CUDA "
+           "where installed, else pure PyTorch)")
+    a("--teacher_res", type=int, default=DEFAULTS.teacher_res, help="dense teacher only")
+    a("--teacher_color_res", type=int, default=DEFAULTS.teacher_color_res,
+      help="dense teacher only")
+    a("--teacher_lr", type=float, default=DEFAULTS.teacher_lr,
+      help="Adam rate of the teacher (default: dense 0.3, hash 1e-2)")
+    a("--hash_levels", type=int, default=DEFAULTS.hash_levels, help="hash teacher only")
+    a("--hash_log2_table", type=int, default=DEFAULTS.hash_log2_table,
+      help="hash teacher only: 2^k feature rows per level (Instant-NGP: 19)")
+    a("--hash_max_res", type=int, default=DEFAULTS.hash_max_res,
+      help="hash teacher only: finest lattice resolution (Instant-NGP: 2048)")
+    a("--tv_weight", type=float, default=DEFAULTS.tv_weight,
+      help="total-variation weight on the dense teacher's density grid")
     a("--distill_rays", type=int, default=DEFAULTS.distill_rays)
     a("--distill_max_per_cell", type=int, default=DEFAULTS.distill_max_per_cell)
     a("--evals_per_step", type=int, default=DEFAULTS.evals_per_step)
@@ -94,6 +105,9 @@ def options_from_args(args, train: NerfSplit) -> NerfOptions:
             raise UserError(f"--{name} must lie in [0, 1], got {v}")
     if args.teacher_fraction + args.distill_fraction > 1:
         raise UserError("--teacher_fraction + --distill_fraction must be at most 1")
+    if args.tv_weight > 0 and args.teacher != "dense":
+        raise UserError(f"--tv_weight applies to the dense teacher only (--teacher "
+                        f"{args.teacher}); drop it or use --teacher dense")
     kw = {k: getattr(args, k) for k in NerfOptions.__dataclass_fields__
           if hasattr(args, k) and k not in ("aabb", "near", "far", "background", "progress")}
     return NerfOptions(**kw, aabb=[float(v) for v in box],

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field as dc_field
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
 from ..fitting import FitConfig, fit
 from ..grid import CellGrid
@@ -33,7 +34,7 @@ from .field import KiloNeRFField
 from .marcher import Marcher
 from .photometric import (LoopState, PhotometricConfig, RayBank, RenderSettings,
                           make_photometric_optimizer, train_photometric)
-from .teacher import DenseGridTeacher
+from .teacher import DenseGridTeacher, HashGridTeacher, make_teacher
 
 STAGES = {"distill": ("teacher", "distill", "finetune"), "direct": ("direct",)}
 
@@ -60,9 +61,13 @@ class NerfOptions:
     max_seconds: float = 600.0
     teacher_fraction: float = 0.4
     distill_fraction: float = 0.3
-    teacher_res: int = 128
-    teacher_color_res: int = 64
-    teacher_lr: float = 0.3
+    teacher: str = "dense"              # "dense" grids or "hash" encoding (teacher.py)
+    teacher_res: int = 128              # dense teacher: density grid per axis
+    teacher_color_res: int = 64         # dense teacher: feature grid per axis
+    teacher_lr: Optional[float] = None  # None: the teacher's default_lr (dense 0.3, hash 1e-2)
+    hash_levels: int = 8                # hash teacher: levels, rows per level, finest lattice
+    hash_log2_table: int = 15
+    hash_max_res: int = 256
     tv_weight: float = 0.0
     batch_rays: int = 4096
     distill_rays: int = 65536
@@ -92,6 +97,23 @@ class NerfOptions:
         return {"teacher": t, "distill": d, "finetune": max(self.max_seconds - t - d, 0.0)}
 
 
+def new_teacher(opts: NerfOptions, device) -> nn.Module:
+    """An untrained teacher of kind ``opts.teacher``."""
+    if opts.teacher == "dense":
+        return DenseGridTeacher(opts.aabb, opts.teacher_res, opts.teacher_color_res,
+                                device=device)
+    if opts.teacher == "hash":
+        return HashGridTeacher(opts.aabb, n_levels=opts.hash_levels,
+                               log2_table=opts.hash_log2_table, max_res=opts.hash_max_res,
+                               device=device, generator=torch.Generator().manual_seed(opts.seed))
+    raise UserError(f"--teacher {opts.teacher}: choose dense or hash")
+
+
+def teacher_lr(opts: NerfOptions, teacher: nn.Module) -> float:
+    """``--teacher_lr``, or the teacher's own default rate."""
+    return opts.teacher_lr if opts.teacher_lr is not None else type(teacher).default_lr
+
+
 class NerfPipeline:
     """Runs the stages of one route with checkpoints; ``run()`` returns the trained field."""
 
@@ -106,7 +128,7 @@ class NerfPipeline:
         torch.manual_seed(opts.seed)
         self.marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold,
                                device=device)
-        self.teacher: Optional[DenseGridTeacher] = None
+        self.teacher: Optional[nn.Module] = None     # DenseGridTeacher or HashGridTeacher
         self.field: Optional[KiloNeRFField] = None
         self.stage = STAGES[opts.route][0]
         self.done: Dict[str, Dict] = {}      # finished stages: seconds, evals, history
@@ -148,7 +170,8 @@ class NerfPipeline:
         lp = ckpt["loop"]
         self.loop = LoopState(lp["seconds"], lp["steps"], lp["evals"], lp["history"])
         if "teacher" in ckpt:
-            self.teacher = DenseGridTeacher(device=self.device, **ckpt["teacher"]["config"])
+            config = dict(ckpt["teacher"]["config"])
+            self.teacher = make_teacher(config, config.pop("aabb"), device=self.device)
             self.teacher.load_state_dict(ckpt["teacher"]["state"])
         if "field" in ckpt:
             self.field = KiloNeRFField.from_config(ckpt["field"]["config"], device=self.device)
@@ -180,9 +203,8 @@ class NerfPipeline:
     def run_teacher(self) -> None:
         o = self.opts
         if self.teacher is None:
-            self.teacher = DenseGridTeacher(o.aabb, o.teacher_res, o.teacher_color_res,
-                                            device=self.device)
-        opt = self.teacher.optimizer(lr_grid=o.teacher_lr)
+            self.teacher = new_teacher(o, self.device)
+        opt = self.teacher.optimizer(lr_grid=teacher_lr(o, self.teacher))
         self._resume_opt(opt)
         cfg = PhotometricConfig(optimizer="adam", batch_rays=o.batch_rays,
                                 seconds=self.opts.budgets()["teacher"], tv_weight=o.tv_weight,

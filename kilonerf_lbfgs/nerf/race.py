@@ -26,7 +26,7 @@ from .distill import DistillProblem, collect_distill_samples
 from .field import KiloNeRFField
 from .marcher import Marcher
 from .photometric import LoopState, PhotometricConfig, RayBank, train_photometric
-from .pipeline import NerfOptions
+from .pipeline import NerfOptions, teacher_lr
 from .teacher import DenseGridTeacher
 
 LEGO_BOX = [-0.7, -1.25, -0.4, 0.7, 1.25, 1.05]
@@ -93,7 +93,7 @@ def prepare_distillation(spec: Dict, datadir: str, cache_dir: str = "bench",
                                 seconds=spec["teacher_seconds"], desc="teacher")
         gen = torch.Generator().manual_seed(0)
         train_photometric(teacher, marcher, bank, rs, cfg, LoopState(),
-                          teacher.optimizer(lr_grid=opts.teacher_lr), gen, progress=progress)
+                          teacher.optimizer(lr_grid=teacher_lr(opts, teacher)), gen, progress=progress)
         marcher.update(teacher.density, rs.step_size)
         save_checkpoint(path, {"teacher": teacher.state_dict(), "marcher": marcher.state_dict()})
     occupied = marcher.grid.cells_occupied(CellGrid(opts.aabb[:3], opts.aabb[3:], opts.grid_res))
