@@ -28,11 +28,16 @@ from ..backends import tinycudann_available
 _PRIMES = (1, 2654435761, 805459861)
 
 
-def level_resolutions(n_levels: int, base_res: int, max_res: int) -> list:
-    """``[N_0, ..., N_{L-1}]``: a geometric ladder from ``base_res`` to ``max_res``."""
+def per_level_scale(n_levels: int, base_res: int, max_res: int) -> float:
+    """``b``: the growth of the lattice resolution from one level to the next."""
     if n_levels < 1 or base_res < 1 or max_res < base_res:
         raise ValueError("hash encoding: need n_levels >= 1 and 1 <= base_res <= max_res")
-    b = 1.0 if n_levels == 1 else math.exp(math.log(max_res / base_res) / (n_levels - 1))
+    return 1.0 if n_levels == 1 else math.exp(math.log(max_res / base_res) / (n_levels - 1))
+
+
+def level_resolutions(n_levels: int, base_res: int, max_res: int) -> list:
+    """``[N_0, ..., N_{L-1}]``: a geometric ladder from ``base_res`` to ``max_res``."""
+    b = per_level_scale(n_levels, base_res, max_res)
     return [int(math.floor(base_res * b ** level + 1e-6)) for level in range(n_levels)]
 
 
@@ -50,8 +55,6 @@ class TorchHashEncoding(nn.Module):
                  base_res: int = 16, max_res: int = 1024, init_scale: float = 1e-4,
                  generator: Optional[torch.Generator] = None, device=None):
         super().__init__()
-        self.config = dict(n_levels=n_levels, n_features=n_features, log2_table=log2_table,
-                           base_res=base_res, max_res=max_res)
         self.table_size = 2 ** int(log2_table)
         res = level_resolutions(n_levels, base_res, max_res)
         self.register_buffer("res", torch.tensor(res, dtype=torch.long, device=device))
@@ -83,8 +86,8 @@ class TorchHashEncoding(nn.Module):
         vertex = base.long()[:, :, None, :] + self.corners                      # [L, S, 8, 3]
         rows = self.vertex_index(vertex)                                        # [L, S, 8]
         # trilinear weight of each corner: prod over axes of frac or (1 - frac)
-        c = self.corners.to(x.dtype)
-        w = torch.where(c.bool(), frac[:, :, None, :], 1.0 - frac[:, :, None, :]).prod(-1)
+        w = torch.where(self.corners.bool(), frac[:, :, None, :],
+                        1.0 - frac[:, :, None, :]).prod(-1)
         # one flat lookup (embedding's backward accumulates far faster on CPU than the
         # index_put of advanced indexing)
         level = torch.arange(n_levels, device=x.device).view(-1, 1, 1) * self.table_size
@@ -100,9 +103,7 @@ class TcnnHashEncoding(nn.Module):
                  base_res: int = 16, max_res: int = 1024, **_unused):
         super().__init__()
         import tinycudann as tcnn  # only reached when tinycudann_available()
-        self.config = dict(n_levels=n_levels, n_features=n_features, log2_table=log2_table,
-                           base_res=base_res, max_res=max_res)
-        scale = 1.0 if n_levels == 1 else math.exp(math.log(max_res / base_res) / (n_levels - 1))
+        scale = per_level_scale(n_levels, base_res, max_res)
         self.encoding = tcnn.Encoding(3, {
             "otype": "HashGrid", "n_levels": n_levels, "n_features_per_level": n_features,
             "log2_hashmap_size": log2_table, "base_resolution": base_res,

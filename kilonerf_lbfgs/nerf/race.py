@@ -26,8 +26,7 @@ from .distill import DistillProblem, collect_distill_samples
 from .field import KiloNeRFField
 from .marcher import Marcher
 from .photometric import LoopState, PhotometricConfig, RayBank, train_photometric
-from .pipeline import NerfOptions, teacher_lr
-from .teacher import DenseGridTeacher
+from .pipeline import NerfOptions, new_teacher, teacher_lr
 
 LEGO_BOX = [-0.7, -1.25, -0.4, 0.7, 1.25, 1.05]
 
@@ -60,7 +59,7 @@ class DistillSetup:
     rs: object                      # RenderSettings
     bank: RayBank
     marcher: Marcher                # the teacher's occupancy grid
-    teacher: DenseGridTeacher
+    teacher: torch.nn.Module        # the opts' teacher (dense by default)
     occupied: torch.Tensor          # [grid_res^3] bool: cells that hold a network
     problem: DistillProblem
 
@@ -81,7 +80,7 @@ def prepare_distillation(spec: Dict, datadir: str, cache_dir: str = "bench",
     rs = opts.settings("cpu")
     bank = RayBank(data["train"])
     marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold)
-    teacher = DenseGridTeacher(opts.aabb, opts.teacher_res, opts.teacher_color_res)
+    teacher = new_teacher(opts, "cpu")
     path = _teacher_cache(datadir, spec, cache_dir)
     if os.path.isfile(path):
         ck = load_checkpoint(path)
@@ -93,7 +92,8 @@ def prepare_distillation(spec: Dict, datadir: str, cache_dir: str = "bench",
                                 seconds=spec["teacher_seconds"], desc="teacher")
         gen = torch.Generator().manual_seed(0)
         train_photometric(teacher, marcher, bank, rs, cfg, LoopState(),
-                          teacher.optimizer(lr_grid=teacher_lr(opts, teacher)), gen, progress=progress)
+                          teacher.optimizer(lr_grid=teacher_lr(opts, teacher)), gen,
+                          progress=progress)
         marcher.update(teacher.density, rs.step_size)
         save_checkpoint(path, {"teacher": teacher.state_dict(), "marcher": marcher.state_dict()})
     occupied = marcher.grid.cells_occupied(CellGrid(opts.aabb[:3], opts.aabb[3:], opts.grid_res))
