@@ -13,9 +13,14 @@ import os
 import configargparse
 import torch
 
-from kilonerf_lbfgs.benchmark import Race, _adam_rank_key, format_tables, run_race
-from kilonerf_lbfgs.benchmark_presets import (MODALITIES, PRESETS, SHARED_DATA, _data_path,
-                                             study_races)
+import sys
+from pathlib import Path
+
+# the races live beside the library (benchmarks/), not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.race import Race, _adam_rank_key, format_tables, run_race
+from benchmarks.presets import MODALITIES, PRESETS, SHARED_DATA, _data_path, study_races
 from kilonerf_lbfgs.config import parse_args, require_positive, run_main
 from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
 
@@ -79,8 +84,8 @@ def main():
                          title=f"{args.study} study (seed 0)")
         print(study_table(report))
     elif args.modality == "nerf":
-        from kilonerf_lbfgs.nerf.pipeline_race import (NERF_PIPELINE_PRESETS,
-                                                       format_pipeline_tables, run_pipeline_race)
+        from benchmarks.nerf_pipeline import (NERF_PIPELINE_PRESETS, format_pipeline_tables,
+                                              run_pipeline_race)
         spec = dict(NERF_PIPELINE_PRESETS[preset])
         if args.quick:
             spec.update(spec["quick"])
@@ -106,7 +111,7 @@ def main():
                 raise UserError(f"--adam_lrs {args.adam_lrs}: give one or more positive rates")
             race.adam_lrs = tuple(args.adam_lrs)
         if args.modality == "nerf_distill":
-            from kilonerf_lbfgs.nerf.race import apply_calibration
+            from benchmarks.nerf_distill import apply_calibration
             apply_calibration(race, meta, os.path.join(
                 "bench", f"nerf_distill_calibration{'_quick' if args.quick else ''}.json"))
         print(f"== {args.modality} {preset}{' (quick)' if args.quick else ''}: "

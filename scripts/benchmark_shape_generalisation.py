@@ -11,7 +11,13 @@ import os
 import configargparse
 import torch
 
-from kilonerf_lbfgs.benchmark_presets import shape_race
+import sys
+from pathlib import Path
+
+# the races live beside the library (benchmarks/), not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.presets import shape_race
 from kilonerf_lbfgs.config import parse_args, run_main
 from kilonerf_lbfgs.fitting import FitConfig, fit
 from kilonerf_lbfgs.io import save_json

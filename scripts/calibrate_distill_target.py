@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Calibrate the distillation race's target: the distill_psnr at which the fine-tuned
-field loses at most --tolerance_db of test PSNR (see kilonerf_lbfgs/nerf/calibrate.py).
+field loses at most --tolerance_db of test PSNR (see benchmarks/nerf_calibrate.py).
 
     python scripts/calibrate_distill_target.py [--quick] [--datadir ../shared/data/nerf_synthetic/lego]
 
@@ -11,11 +11,17 @@ import os
 
 import configargparse
 
-from kilonerf_lbfgs.benchmark_presets import SHARED_DATA
+import sys
+from pathlib import Path
+
+# the races live beside the library (benchmarks/), not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.presets import SHARED_DATA
 from kilonerf_lbfgs.config import parse_args, run_main
 from kilonerf_lbfgs.io import UserError, save_json
-from kilonerf_lbfgs.nerf.calibrate import calibrate_distill_target
-from kilonerf_lbfgs.nerf.race import NERF_DISTILL_PRESETS, prepare_distillation
+from benchmarks.nerf_calibrate import calibrate_distill_target
+from benchmarks.nerf_distill import NERF_DISTILL_PRESETS, prepare_distillation
 
 
 def main():

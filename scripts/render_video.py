@@ -15,10 +15,10 @@ from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, ru
 from kilonerf_lbfgs.io import UserError, load_checkpoint, save_png, to_uint8
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene
 from kilonerf_lbfgs.nerf.evaluate import render_view
-from kilonerf_lbfgs.nerf.field import KiloNeRFField
-from kilonerf_lbfgs.nerf.marcher import Marcher
-from kilonerf_lbfgs.nerf.pipeline import NerfOptions
-from kilonerf_lbfgs.nerf.rays import orbit_poses
+from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
+from kilonerf_lbfgs.nerf.render.marcher import Marcher
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions
+from kilonerf_lbfgs.nerf.data.rays import orbit_poses
 
 
 def load_trained(path: str, device):

@@ -12,8 +12,8 @@ from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, ru
 from kilonerf_lbfgs.io import plot_convergence, save_json
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, options_from_args
 from kilonerf_lbfgs.nerf.evaluate import evaluate
-from kilonerf_lbfgs.nerf.photometric import RayBank
-from kilonerf_lbfgs.nerf.pipeline import NerfPipeline, resume_or_new
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.train.pipeline import NerfPipeline, resume_or_new
 from kilonerf_lbfgs.runner import setup_run
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import torch
 
-from kilonerf_lbfgs.benchmark import Race, _compare, _median, _summarise, format_tables, run_race
+from benchmarks.race import Race, _compare, _median, _summarise, format_tables, run_race
 from kilonerf_lbfgs.multinet import MultiMLP
 from kilonerf_lbfgs.signals.image import ImageProblem
 

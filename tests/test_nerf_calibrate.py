@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from kilonerf_lbfgs.fitting import FitConfig, fit
-from kilonerf_lbfgs.nerf.calibrate import distill_snapshots, finetune_and_test, pick_target
-from kilonerf_lbfgs.nerf.demo_scene import generate_demo_scene
-from kilonerf_lbfgs.nerf.race import prepare_distillation
+from benchmarks.nerf_calibrate import distill_snapshots, finetune_and_test, pick_target
+from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
+from benchmarks.nerf_distill import prepare_distillation
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_pick_target():
 
 def test_race_takes_the_calibrated_target(tmp_path):
     import json
-    from kilonerf_lbfgs.benchmark import Race
-    from kilonerf_lbfgs.nerf.race import apply_calibration
+    from benchmarks.race import Race
+    from benchmarks.nerf_distill import apply_calibration
     race = Race(None, None, targets=(12.0, 15.0), budget=1.0, seeds=[0])
     meta = {}
     apply_calibration(race, meta, str(tmp_path / "missing.json"))

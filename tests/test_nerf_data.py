@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from kilonerf_lbfgs.io import UserError
-from kilonerf_lbfgs.nerf.data import load_dataset, load_split
-from kilonerf_lbfgs.nerf.demo_scene import (_scene, _shade, ensure_demo_scene,
-                                            generate_demo_scene)
-from kilonerf_lbfgs.nerf.rays import camera_rays, look_at, orbit_poses, rays_at_pixels
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset, load_split
+from kilonerf_lbfgs.nerf.data.demo_scene import (_scene, _shade, ensure_demo_scene,
+                                                 generate_demo_scene)
+from kilonerf_lbfgs.nerf.data.rays import camera_rays, look_at, orbit_poses, rays_at_pixels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEGO = os.path.join(os.path.dirname(REPO), "shared", "data", "nerf_synthetic", "lego")

@@ -10,9 +10,9 @@ import imageio.v2 as imageio
 import pytest
 import torch
 
-from kilonerf_lbfgs.nerf.demo_scene import generate_demo_scene
-from kilonerf_lbfgs.nerf.distill import DistillProblem, DistillSamples
-from kilonerf_lbfgs.nerf.field import KiloNeRFField
+from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
+from kilonerf_lbfgs.nerf.train.distill import DistillProblem, DistillSamples
+from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
 from kilonerf_lbfgs.optim import BatchedLBFGS
 
 from conftest import REPO

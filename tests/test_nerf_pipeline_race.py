@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from kilonerf_lbfgs.io import UserError
-from kilonerf_lbfgs.nerf.data import load_dataset
-from kilonerf_lbfgs.nerf.demo_scene import generate_demo_scene
-from kilonerf_lbfgs.nerf.photometric import RayBank
-from kilonerf_lbfgs.nerf.pipeline import NerfOptions, NerfPipeline
-from kilonerf_lbfgs.nerf.pipeline_race import (OURS, format_pipeline_tables, ratios_to_ours,
-                                               run_contender, run_pipeline_race)
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline
+from benchmarks.nerf_pipeline import (OURS, format_pipeline_tables, ratios_to_ours, run_contender,
+                                      run_pipeline_race)
 
 BOX = [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
 SMALL = dict(aabb=BOX, grid_res=4, occ_res=32, batch_rays=512, width=8, depth=2,

@@ -1,4 +1,4 @@
-"""Volume rendering, occupancy grid and ray marching (kilonerf_lbfgs.nerf.render / occupancy /
+"""Volume rendering, occupancy grid and ray marching (kilonerf_lbfgs.nerf.render: volrend / occupancy /
 marcher). Small analytic fields only; fast on a CPU. The ``cuda`` tests compare the nerfacc
 backend with the pure-PyTorch one and run wherever a GPU is visible."""
 import math
@@ -9,10 +9,10 @@ import torch
 from kilonerf_lbfgs.backends import nerf_backend
 from kilonerf_lbfgs.grid import CellGrid
 from kilonerf_lbfgs.io import UserError
-from kilonerf_lbfgs.nerf.marcher import Marcher, march_dense_reference, ray_aabb_intersect
-from kilonerf_lbfgs.nerf.occupancy import OccupancyGrid
-from kilonerf_lbfgs.nerf.render import (accumulate_along_rays, composite,
-                                        exclusive_sum_per_ray, render_weights)
+from kilonerf_lbfgs.nerf.render.marcher import Marcher, march_dense_reference, ray_aabb_intersect
+from kilonerf_lbfgs.nerf.render.occupancy import OccupancyGrid
+from kilonerf_lbfgs.nerf.render.volrend import (accumulate_along_rays, composite,
+                                                exclusive_sum_per_ray, render_weights)
 
 AABB = [-1.5, -1.5, -1.5, 1.5, 1.5, 1.5]
 

@@ -5,16 +5,16 @@ import torch.nn.functional as F
 
 from kilonerf_lbfgs.backends import tinycudann_available
 from kilonerf_lbfgs.io import load_checkpoint
-from kilonerf_lbfgs.nerf.data import load_dataset
-from kilonerf_lbfgs.nerf.demo_scene import generate_demo_scene
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
 from kilonerf_lbfgs.nerf.evaluate import evaluate
-from kilonerf_lbfgs.nerf.hash_encoding import (TcnnHashEncoding, TorchHashEncoding,
-                                               level_resolutions, make_hash_encoding)
-from kilonerf_lbfgs.nerf.marcher import Marcher
-from kilonerf_lbfgs.nerf.photometric import (LoopState, PhotometricConfig, RayBank,
-                                             train_photometric)
-from kilonerf_lbfgs.nerf.pipeline import NerfOptions, NerfPipeline, new_teacher, teacher_lr
-from kilonerf_lbfgs.nerf.teacher import DenseGridTeacher, HashGridTeacher
+from kilonerf_lbfgs.nerf.fields.hash_encoding import (TcnnHashEncoding, TorchHashEncoding,
+                                                      level_resolutions, make_hash_encoding)
+from kilonerf_lbfgs.nerf.render.marcher import Marcher
+from kilonerf_lbfgs.nerf.train.photometric import LoopState, PhotometricConfig, train_photometric
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline, new_teacher, teacher_lr
+from kilonerf_lbfgs.nerf.fields.teacher import DenseGridTeacher, HashGridTeacher
 
 BOX = [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
 

@@ -1,6 +1,8 @@
-"""NeRF on the cell-grid engine: posed-image data, rays, a generated demo scene, and (in sibling
-modules) occupancy grid, volume rendering, the KiloNeRF field and training.
+"""NeRF on the cell-grid engine, cut by concept: ``data`` (posed images, rays, the generated
+demo scene), ``render`` (occupancy grid, marching, volume rendering), ``fields`` (the KiloNeRF
+field and the teachers), ``train`` (photometric training, distillation, the pipeline), and
+``evaluate`` / ``cli`` on top.
 
-Kept import-light: import the submodules you need, e.g. ``from kilonerf_lbfgs.nerf.data import
-load_dataset``.
+Kept import-light: import the submodules you need, e.g.
+``from kilonerf_lbfgs.nerf.data.loaders import load_dataset``.
 """

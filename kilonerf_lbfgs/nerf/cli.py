@@ -6,9 +6,9 @@ from typing import Dict
 
 from ..config import REPO_ROOT
 from ..io import UserError
-from .data import NerfSplit, load_dataset
-from .demo_scene import ensure_demo_scene
-from .pipeline import NerfOptions
+from .data.loaders import NerfSplit, load_dataset
+from .data.demo_scene import ensure_demo_scene
+from .train.pipeline import NerfOptions
 
 DEFAULTS = NerfOptions()
 

@@ -12,9 +12,9 @@ from torch import nn
 from ..backends import synchronize
 from ..io import save_png
 from ..metrics import psnr, ssim
-from .data import NerfSplit
-from .photometric import RenderSettings, render_rays
-from .rays import camera_rays
+from .data.loaders import NerfSplit
+from .render.rendering import RenderSettings, render_rays
+from .data.rays import camera_rays
 
 
 @torch.no_grad()

@@ -11,9 +11,12 @@ downwards (hence the minus on y). Rays are ordered row-major (row, then column),
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import TYPE_CHECKING, Sequence, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .loaders import NerfSplit
 
 
 def _directions(poses: torch.Tensor, intrinsics: torch.Tensor,
@@ -124,3 +127,21 @@ def orbit_poses(n_frames: int, radius: float = 4.0, elevation_deg: float = 30.0,
     poses = [look_at(sphere_position(radius, 2.0 * math.pi * k / n_frames, el, center), center)
              for k in range(n_frames)]
     return torch.stack(poses)
+
+
+class RayBank:
+    """Every training ray, flattened: ``origins``, ``dirs``, ``rgbs`` ``[N * H * W, 3]``."""
+
+    def __init__(self, split: NerfSplit, device=None):
+        o, d = camera_rays(split.poses, split.intrinsics, split.H, split.W)
+        self.origins = o.reshape(-1, 3).to(device)
+        self.dirs = d.reshape(-1, 3).to(device)
+        self.rgbs = split.images.reshape(-1, 3).to(device)
+
+    def __len__(self) -> int:
+        return int(self.rgbs.shape[0])
+
+    def sample(self, n: int, generator: torch.Generator):
+        """``n`` random rays: (origins, dirs, rgbs), each ``[n, 3]``."""
+        idx = torch.randint(len(self), (n,), generator=generator).to(self.rgbs.device)
+        return self.origins[idx], self.dirs[idx], self.rgbs[idx]

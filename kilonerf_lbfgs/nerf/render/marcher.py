@@ -29,9 +29,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backends import nerf_backend
+from ...backends import nerf_backend
 from .occupancy import OccupancyGrid
-from .render import composite, render_weights
+from .volrend import composite, render_weights
 
 SigmaFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 RgbSigmaFn = Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import tinycudann_available
+from ...backends import tinycudann_available
 
 # per-axis primes of the spatial hash (the first is 1: consecutive x stay coherent)
 _PRIMES = (1, 2654435761, 805459861)

@@ -26,15 +26,16 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..fitting import FitConfig, fit
-from ..grid import CellGrid
-from ..io import UserError, load_checkpoint, save_checkpoint
+from ...fitting import FitConfig, fit
+from ...grid import CellGrid
+from ...io import UserError, load_checkpoint, save_checkpoint
 from .distill import DistillProblem, collect_distill_samples
-from .field import KiloNeRFField
-from .marcher import Marcher
-from .photometric import (LoopState, PhotometricConfig, RayBank, RenderSettings,
-                          make_photometric_optimizer, train_photometric)
-from .teacher import DenseGridTeacher, HashGridTeacher, make_teacher
+from ..fields.kilonerf import KiloNeRFField
+from ..render.marcher import Marcher
+from .photometric import LoopState, PhotometricConfig, make_photometric_optimizer, train_photometric
+from ..data.rays import RayBank
+from ..render.rendering import RenderSettings
+from ..fields.teacher import DenseGridTeacher, HashGridTeacher, make_teacher
 
 STAGES = {"distill": ("teacher", "distill", "finetune"), "direct": ("direct",)}
 

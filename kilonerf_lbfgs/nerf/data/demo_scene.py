@@ -3,7 +3,7 @@
 The object (inside ``[-1, 1]^3``, world z up) is a union of a checkered sphere, a plain sphere,
 a box with a 3-D checker and a striped torus lying flat, lit by two directional lights with
 Lambert shading. Each view is traced at twice the resolution through
-:func:`~kilonerf_lbfgs.nerf.rays.camera_rays` (the same rays the loader's users get) and
+:func:`~kilonerf_lbfgs.nerf.data.rays.camera_rays` (the same rays the loader's users get) and
 area-averaged, which gives anti-aliased RGBA with fractional alpha on the silhouettes; the
 background is transparent. The output is a Blender-format scene folder
 (``transforms_{train,val,test}.json``, ``{split}/r_{k}.png``) that
@@ -18,7 +18,7 @@ from typing import Callable, List, Tuple
 import numpy as np
 import torch
 
-from ..io import save_json, save_png
+from ...io import save_json, save_png
 from .rays import camera_rays, look_at, orbit_poses, sphere_position
 
 CAMERA_ANGLE_X = 0.6911112070083618   # horizontal field of view (radians), lego's

@@ -17,16 +17,17 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..benchmark import Race
-from ..fitting import FitConfig
-from ..grid import CellGrid
-from ..io import load_checkpoint, save_checkpoint
-from .data import load_dataset
-from .distill import DistillProblem, collect_distill_samples
-from .field import KiloNeRFField
-from .marcher import Marcher
-from .photometric import LoopState, PhotometricConfig, RayBank, train_photometric
-from .pipeline import NerfOptions, new_teacher, teacher_lr
+from benchmarks.race import Race
+from kilonerf_lbfgs.fitting import FitConfig
+from kilonerf_lbfgs.grid import CellGrid
+from kilonerf_lbfgs.io import load_checkpoint, save_checkpoint
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+from kilonerf_lbfgs.nerf.train.distill import DistillProblem, collect_distill_samples
+from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
+from kilonerf_lbfgs.nerf.render.marcher import Marcher
+from kilonerf_lbfgs.nerf.train.photometric import LoopState, PhotometricConfig, train_photometric
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, new_teacher, teacher_lr
 
 LEGO_BOX = [-0.7, -1.25, -0.4, 0.7, 1.25, 1.05]
 

@@ -19,13 +19,13 @@ import tempfile
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..benchmark import _summarise, ratio_cells, results_table
-from ..io import UserError
-from .data import load_dataset
-from .evaluate import evaluate
-from .photometric import RayBank
-from .pipeline import NerfOptions, NerfPipeline
-from .race import LEGO_BOX
+from benchmarks.race import _summarise, ratio_cells, results_table
+from kilonerf_lbfgs.io import UserError
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+from kilonerf_lbfgs.nerf.evaluate import evaluate
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline
+from benchmarks.nerf_distill import LEGO_BOX
 
 OURS = "distill_batched_lbfgs"
 

@@ -11,11 +11,11 @@ import math
 import os
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
-from .benchmark import Race
-from .config import REPO_ROOT
-from .io import UserError
-from .multinet import MultiMLP
-from .signals.image import ImageProblem, center_crop, load_image
+from benchmarks.race import Race
+from kilonerf_lbfgs.config import REPO_ROOT
+from kilonerf_lbfgs.io import UserError
+from kilonerf_lbfgs.multinet import MultiMLP
+from kilonerf_lbfgs.signals.image import ImageProblem, center_crop, load_image
 
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
@@ -99,7 +99,7 @@ def image_race(preset: str, quick: bool, seeds: Sequence[int],
 
 def audio_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, data: Optional[str] = None) -> Race:
-    from .signals.audio import AudioProblem, load_audio, omega_for_cells
+    from kilonerf_lbfgs.signals.audio import AudioProblem, load_audio, omega_for_cells
     spec = _spec(AUDIO_PRESETS, preset, quick)
     wave, rate = load_audio(_data_path(data or spec["audio"], "--audio"))
     if spec["seconds"]:
@@ -114,7 +114,7 @@ def audio_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
 
 def video_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, data: Optional[str] = None) -> Race:
-    from .signals.video import VideoProblem, load_video
+    from kilonerf_lbfgs.signals.video import VideoProblem, load_video
     spec = _spec(VIDEO_PRESETS, preset, quick)
     clip = load_video(_data_path(data or spec["video"], "--video"), spec["frames"],
                       spec["resize"])
@@ -126,7 +126,7 @@ def video_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
 
 def shape_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, data: Optional[str] = None) -> Race:
-    from .signals.shape import load_mesh, make_shape_problem, normalize_mesh
+    from kilonerf_lbfgs.signals.shape import load_mesh, make_shape_problem, normalize_mesh
     spec = _spec(SHAPE_PRESETS, preset, quick)
     path = _data_path(data or spec["mesh"], "--mesh")
     mesh = normalize_mesh(load_mesh(path))
@@ -139,7 +139,7 @@ def shape_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
 
 def nerf_distill_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                       budget: Optional[float] = None, data: Optional[str] = None) -> Race:
-    from .nerf.race import NERF_DISTILL_PRESETS, build_distill_race
+    from benchmarks.nerf_distill import NERF_DISTILL_PRESETS, build_distill_race
     spec = _spec(NERF_DISTILL_PRESETS, preset, quick)
     datadir = _data_path(data or os.path.join(SHARED_DATA, "nerf_synthetic", "lego"),
                          "--datadir")
@@ -159,7 +159,7 @@ PRESETS: Dict[str, Sequence[str]] = {
     "image": tuple(IMAGE_PRESETS), "audio": tuple(AUDIO_PRESETS),
     "video": tuple(VIDEO_PRESETS), "shape": tuple(SHAPE_PRESETS),
     "nerf_distill": ("lego",),
-    "nerf": ("lego",),          # the whole pipeline: kilonerf_lbfgs.nerf.pipeline_race
+    "nerf": ("lego",),          # the whole pipeline: benchmarks.nerf_pipeline
 }
 
 

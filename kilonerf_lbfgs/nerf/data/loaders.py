@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..io import UserError
+from ...io import UserError
 
 SPLITS = ("train", "val", "test")
 NGP_TEST_STRIDE = 8          # instant-ngp transforms.json: test/val = every 8th frame

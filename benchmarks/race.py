@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .fitting import CellProblem, FitConfig, fit, first_time_reaching
-from .multinet import MultiMLP
+from kilonerf_lbfgs.fitting import CellProblem, FitConfig, fit, first_time_reaching
+from kilonerf_lbfgs.multinet import MultiMLP
 
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 PAPER_ADAM_LR = 1e-4

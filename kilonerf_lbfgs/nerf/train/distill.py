@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
-from ..fitting import CellProblem
-from ..metrics import psnr_from_mse
-from .field import KiloNeRFField
-from .photometric import RayBank, RenderSettings, field_fns
+from ...fitting import CellProblem
+from ...metrics import psnr_from_mse
+from ..fields.kilonerf import KiloNeRFField
+from ..data.rays import RayBank
+from ..render.rendering import RenderSettings, field_fns
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..grid import CellGrid
+from ...grid import CellGrid
 
 _UNSET_DENSITY = 1e10
 

@@ -18,8 +18,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..grid import CellGrid
-from ..multinet import MultiMLP
+from ...grid import CellGrid
+from ...multinet import MultiMLP
 
 MAX_LOG_DENSITY = 15.0
 
