@@ -137,21 +137,46 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
     return state
 
 
+def fixed_sample_loss(model: nn.Module, marcher, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                      rgb_gt: torch.Tensor, rs: RenderSettings) -> Callable[[], torch.Tensor]:
+    """The photometric loss of one ray batch as a function of ``model``'s parameters, with
+    the batch's samples marched once and then held fixed.
+
+    A line search needs one function: re-marching at every trial would move the samples
+    (empty-space skipping and early termination follow the density), so the samples are
+    chosen once, without gradient, and every call composites the model on them. At the
+    parameters where the samples were drawn it equals the loss of :func:`render_rays` on the
+    same rays, forward and backward (tested).
+
+    Args:
+        rays_o, rays_d, rgb_gt: ``[R, 3]`` the batch and its target colours.
+    Returns:
+        ``loss() -> []``: the mean squared error, differentiable in ``model``'s parameters.
+    """
+    _, sigma_fn = field_fns(model, rays_o, rays_d)
+    with torch.no_grad():
+        samples = marcher.sample(rays_o, rays_d, rs.near, rs.far, rs.step_size,
+                                 sigma_fn=sigma_fn, early_stop_eps=rs.early_stop_eps,
+                                 alpha_thre=rs.alpha_thre)
+    ray, t0, t1 = samples.ray_indices, samples.t_starts, samples.t_ends
+    pos, dirs = samples.positions(rays_o, rays_d), rays_d[ray]
+
+    def loss() -> torch.Tensor:
+        rgb, sigma = model(pos, dirs)
+        out = composite(rgb, sigma, t0, t1, ray, rays_o.shape[0], rs.background)
+        return torch.mean((out["rgb"] - rgb_gt) ** 2)
+
+    return loss
+
+
 def _lbfgs_step(model, marcher, o, d, c, rs: RenderSettings, opt, state: LoopState):
     """One coupled BatchedLBFGS step on a fixed batch with fixed samples."""
-    _, sigma_fn = field_fns(model, o, d)
-    with torch.no_grad():
-        samples = marcher.sample(o, d, rs.near, rs.far, rs.step_size, sigma_fn=sigma_fn,
-                                 early_stop_eps=rs.early_stop_eps, alpha_thre=rs.alpha_thre)
-    ray, t0, t1 = samples.ray_indices, samples.t_starts, samples.t_ends
-    pos, dirs = samples.positions(o, d), d[ray]
+    loss_fn = fixed_sample_loss(model, marcher, o, d, c, rs)
 
     def closure():
         opt.zero_grad(set_to_none=False)
         state.evals += 1
-        rgb, sigma = model(pos, dirs)
-        out = composite(rgb, sigma, t0, t1, ray, o.shape[0], rs.background)
-        loss = torch.mean((out["rgb"] - c) ** 2)
+        loss = loss_fn()
         loss.backward()
         return loss.detach()
 

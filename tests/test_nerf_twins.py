@@ -1,0 +1,94 @@
+"""Fast paths of NeRF training against their plain references, forward and backward:
+the fixed-sample loss of the coupled L-BFGS step against ``render_rays``, and the teachers'
+colour skipping against computing every colour."""
+import pytest
+import torch
+
+from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
+from kilonerf_lbfgs.nerf.fields.teacher import DenseGridTeacher
+from kilonerf_lbfgs.nerf.render.marcher import Marcher
+from kilonerf_lbfgs.nerf.render.rendering import COLOR_WEIGHT_EPS, RenderSettings, render_rays
+from kilonerf_lbfgs.nerf.train.photometric import fixed_sample_loss
+
+BOX = [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
+
+
+def _rays(n, seed):
+    """``n`` rays from a sphere of radius 2.5 towards points near the centre: ``[n, 3]`` x 3."""
+    g = torch.Generator().manual_seed(seed)
+    o = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * 2.5
+    target = (torch.rand(n, 3, generator=g) - 0.5) * 0.8
+    d = torch.nn.functional.normalize(target - o, dim=-1)
+    return o, d, torch.rand(n, 3, generator=g)
+
+
+def _settings():
+    return RenderSettings(near=0.5, far=4.5, step_size=2 * 3 ** 0.5 / 96,
+                          background=torch.ones(3), early_stop_eps=1e-4)
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for p in model.parameters()]
+
+
+def _occupied_marcher(model, rs):
+    m = Marcher(BOX, 16, threshold=0.01)
+    m.update(model.density, rs.step_size)
+    return m
+
+
+def test_fixed_sample_loss_equals_render_rays_forward_and_backward():
+    torch.manual_seed(0)
+    field = KiloNeRFField(BOX, 3, None, width=16, depth=2, feature_dim=4, head_width=16,
+                          generator=torch.Generator().manual_seed(3))
+    rs = _settings()
+    marcher = _occupied_marcher(field, rs)
+    o, d, c = _rays(256, 1)
+    ref = torch.mean((render_rays(field, marcher, o, d, rs)["rgb"] - c) ** 2)
+    field.zero_grad()
+    ref.backward()
+    g_ref = _grads(field)
+    loss_fn = fixed_sample_loss(field, marcher, o, d, c, rs)
+    field.zero_grad()
+    fast = loss_fn()
+    fast.backward()
+    assert float(ref.detach()) > 1e-3              # a loss worth comparing
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
+    for a, b in zip(_grads(field), g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # the samples stay fixed: after a parameter change the function is still the same one
+    with torch.no_grad():
+        for p in field.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert float(loss_fn()) != pytest.approx(float(fast), abs=1e-9)
+    assert float(loss_fn()) == float(loss_fn())
+
+
+def test_teacher_colour_skipping_matches_every_colour():
+    """Skipping colours where the rendering weight is below eps changes each pixel by at most
+    (number of skipped samples) x eps and the gradients by about as little."""
+    torch.manual_seed(0)
+    teacher = DenseGridTeacher(BOX, resolution=24, color_resolution=12)
+    with torch.no_grad():        # an opaque blob in the middle, empty elsewhere
+        x = torch.linspace(-1, 1, 24)
+        zz, yy, xx = torch.meshgrid(x, x, x, indexing="ij")
+        blob = (xx ** 2 + yy ** 2 + zz ** 2 < 0.3).float()
+        teacher.density_grid.copy_((blob * 6.0 - 3.0).view_as(teacher.density_grid))
+    rs = _settings()
+    marcher = _occupied_marcher(teacher, rs)
+    o, d, c = _rays(256, 2)
+    out = {}
+    for eps in (COLOR_WEIGHT_EPS, None):
+        teacher.zero_grad()
+        r = render_rays(teacher, marcher, o, d, rs, color_weight_eps=eps)
+        torch.mean((r["rgb"] - c) ** 2).backward()
+        out[eps] = (r["rgb"].detach(), _grads(teacher), r["n_samples"])
+    rgb_fast, g_fast, n = out[COLOR_WEIGHT_EPS]
+    rgb_ref, g_ref, _ = out[None]
+    assert float((rgb_ref - 1.0).abs().max()) > 0.1            # the blob is visible
+    err = float((rgb_fast - rgb_ref).abs().max())
+    assert err <= COLOR_WEIGHT_EPS * max(n / o.shape[0], 1) * 10, err
+    for a, b in zip(g_fast, g_ref):
+        scale = float(b.abs().max()) + 1e-12
+        assert float((a - b).abs().max()) <= 1e-2 * scale
