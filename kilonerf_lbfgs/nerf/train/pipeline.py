@@ -42,47 +42,92 @@ STAGES = {"distill": ("teacher", "distill", "finetune"), "direct": ("direct",)}
 
 @dataclass
 class NerfOptions:
-    """Every pipeline option (``scripts/train_nerf.py`` fills these from the config)."""
-    route: str = "distill"
-    aabb: List[float] = dc_field(default_factory=lambda: [-1.5, -1.5, -1.5, 1.5, 1.5, 1.5])
-    near: float = 2.0
-    far: float = 6.0
-    background: List[float] = dc_field(default_factory=lambda: [1.0, 1.0, 1.0])
-    step_size: float = 0.0              # 0: box diagonal / 256
-    grid_res: int = 16
-    width: int = 32
-    depth: int = 3
-    feature_dim: int = 15
-    head_width: int = 32
-    activation: str = "sine"
-    omega_0: float = 10.0              # lego 100x100: 30.7 dB at 10 vs 25.1 dB at 30 (see README)
-    head_omega: float = 5.0
-    occ_res: int = 64
-    occ_threshold: float = 0.01
-    max_seconds: float = 600.0
-    teacher_fraction: float = 0.4
-    distill_fraction: float = 0.3
-    teacher: str = "dense"              # "dense" grids or "hash" encoding (teacher.py)
-    teacher_res: int = 128              # dense teacher: density grid per axis
-    teacher_color_res: int = 64         # dense teacher: feature grid per axis
-    teacher_lr: Optional[float] = None  # None: the teacher's default_lr (dense 0.3, hash 1e-2)
-    hash_levels: int = 8                # hash teacher: levels, rows per level, finest lattice
-    hash_log2_table: int = 15
-    hash_max_res: int = 256
-    tv_weight: float = 0.0
-    batch_rays: int = 4096
-    distill_rays: int = 65536
-    distill_max_per_cell: int = 1024
-    optimizer: str = "lbfgs"            # the cells' optimiser (distill stage / direct route)
-    lr: Optional[float] = None          # Adam for the cells
-    history_size: int = 30
-    evals_per_step: int = 5
-    finetune_lr: float = 2e-4
-    direct_lr: float = 5e-4
-    max_steps: int = 0                  # > 0: photometric stages also stop after this many steps
-    seed: int = 0
-    ckpt_every: float = 60.0
-    progress: bool = True
+    """Every pipeline option. ``scripts/train_nerf.py`` has one flag per field (``--name``;
+    help, choices and bounds from each field's metadata); ``aabb``, ``near``, ``far``,
+    ``background`` and ``progress`` (``cli: False``) come from the scene and its flags."""
+    route: str = dc_field(default="distill", metadata={
+        "help": "distill: teacher, per-cell distillation, fine-tuning; direct: the cells "
+                "from the photos", "choices": ("distill", "direct")})
+    aabb: List[float] = dc_field(default_factory=lambda: [-1.5, -1.5, -1.5, 1.5, 1.5, 1.5],
+                                 metadata={"help": "scene box xmin ymin zmin xmax ymax zmax",
+                                           "cli": False})
+    near: float = dc_field(default=2.0, metadata={"help": "ray start", "cli": False})
+    far: float = dc_field(default=6.0, metadata={"help": "ray end", "cli": False})
+    background: List[float] = dc_field(default_factory=lambda: [1.0, 1.0, 1.0], metadata={
+        "help": "RGB the renders are composited on", "cli": False})
+    step_size: float = dc_field(default=0.0, metadata={
+        "help": "marching step (0: box diagonal / 256)", "min": 0})
+    grid_res: int = dc_field(default=16, metadata={
+        "help": "KiloNeRF cells per axis", "positive": True})
+    width: int = dc_field(default=32, metadata={
+        "help": "hidden width per cell network", "positive": True})
+    depth: int = dc_field(default=3, metadata={
+        "help": "hidden layers per cell network", "positive": True})
+    feature_dim: int = dc_field(default=15, metadata={
+        "help": "features from the cell network to its colour head", "positive": True})
+    head_width: int = dc_field(default=32, metadata={
+        "help": "hidden width of the colour head", "positive": True})
+    activation: str = dc_field(default="sine", metadata={"help": "cell networks' activation"})
+    # omega_0 10: lego 100x100 30.7 dB against 25.1 dB at 30 (see the README)
+    omega_0: float = dc_field(default=10.0, metadata={
+        "help": "sine frequency of the cell networks", "positive": True})
+    head_omega: float = dc_field(default=5.0, metadata={
+        "help": "sine frequency of the colour head", "positive": True})
+    occ_res: int = dc_field(default=64, metadata={
+        "help": "occupancy grid voxels per axis", "positive": True})
+    occ_threshold: float = dc_field(default=0.01, metadata={
+        "help": "a voxel is occupied when one marching step there has alpha above this",
+        "min": 0, "max": 1})
+    max_seconds: float = dc_field(default=600.0, metadata={
+        "help": "training budget in seconds, split between the stages", "positive": True})
+    teacher_fraction: float = dc_field(default=0.4, metadata={
+        "help": "distill route: share of max_seconds for the teacher", "min": 0, "max": 1})
+    distill_fraction: float = dc_field(default=0.3, metadata={
+        "help": "distill route: share of max_seconds for distillation", "min": 0, "max": 1})
+    teacher: str = dc_field(default="dense", metadata={
+        "help": "distill route's teacher: dense grids, or a hash encoding (tinycudann on "
+                "CUDA where installed, else pure PyTorch)", "choices": ("dense", "hash")})
+    teacher_res: int = dc_field(default=128, metadata={
+        "help": "dense teacher: density grid per axis", "positive": True})
+    teacher_color_res: int = dc_field(default=64, metadata={
+        "help": "dense teacher: feature grid per axis", "positive": True})
+    teacher_lr: Optional[float] = dc_field(default=None, metadata={
+        "help": "Adam rate of the teacher (default: dense 0.3, hash 1e-2)", "positive": True})
+    hash_levels: int = dc_field(default=8, metadata={
+        "help": "hash teacher: levels", "positive": True})
+    hash_log2_table: int = dc_field(default=15, metadata={
+        "help": "hash teacher: 2^k feature rows per level (Instant-NGP: 19)", "positive": True})
+    hash_max_res: int = dc_field(default=256, metadata={
+        "help": "hash teacher: finest lattice resolution (Instant-NGP: 2048)",
+        "positive": True})
+    tv_weight: float = dc_field(default=0.0, metadata={
+        "help": "total-variation weight on the dense teacher's density grid", "min": 0})
+    batch_rays: int = dc_field(default=4096, metadata={
+        "help": "rays per photometric step", "positive": True})
+    distill_rays: int = dc_field(default=65536, metadata={
+        "help": "rays whose samples make the distillation set", "positive": True})
+    distill_max_per_cell: int = dc_field(default=1024, metadata={
+        "help": "distillation samples kept per cell", "positive": True})
+    optimizer: str = dc_field(default="lbfgs", metadata={
+        "help": "the cells' optimiser (distill stage / direct route)",
+        "choices": ("lbfgs", "adam")})
+    lr: Optional[float] = dc_field(default=None, metadata={
+        "help": "Adam rate for the cells", "positive": True})
+    history_size: int = dc_field(default=30, metadata={
+        "help": "L-BFGS pairs per cell", "positive": True})
+    evals_per_step: int = dc_field(default=5, metadata={
+        "help": "coupled L-BFGS: function evaluations per step", "positive": True})
+    finetune_lr: float = dc_field(default=2e-4, metadata={
+        "help": "Adam rate of the fine-tuning stage", "positive": True})
+    direct_lr: float = dc_field(default=5e-4, metadata={
+        "help": "Adam rate of the direct route", "positive": True})
+    max_steps: int = dc_field(default=0, metadata={
+        "help": "photometric stages also stop after this many steps (0: time budget only); "
+                "makes runs reproducible across machines and restarts", "min": 0})
+    seed: int = dc_field(default=0, metadata={"help": "random seed"})
+    ckpt_every: float = dc_field(default=60.0, metadata={
+        "help": "seconds of training between checkpoints", "positive": True})
+    progress: bool = dc_field(default=True, metadata={"help": "progress bars", "cli": False})
 
     def settings(self, device) -> RenderSettings:
         diag = math.dist(self.aabb[:3], self.aabb[3:])
