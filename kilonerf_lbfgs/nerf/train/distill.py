@@ -1,10 +1,17 @@
-"""Distillation (KiloNeRF's route): each cell's network learns the teacher on the ray
-samples that fall inside its cell, as an independent (separable) per-cell problem.
+"""Distillation (KiloNeRF's route): each cell's network learns the teacher on samples inside
+its cell, as an independent (separable) per-cell problem.
 
-Samples come from marching training rays through the teacher's occupancy grid (with the
-teacher's early ray termination, so they concentrate on visible surfaces); each sample
-carries the teacher's opacity for one marching step ``alpha = 1 - exp(-sigma * step)``
-and its colour. The per-cell loss is the mean over the cell's samples of
+Two samplers, which can be mixed (:func:`concat_samples`):
+
+* :func:`collect_distill_samples`: the ray samples of training rays marched through the
+  teacher's occupancy grid (with the teacher's early ray termination, so they concentrate on
+  visible surfaces);
+* :func:`uniform_distill_samples`: points drawn uniformly inside each cell with directions
+  uniform on the sphere (KiloNeRF's choice), as many per cell as asked, so every cell can
+  get clearly more target values than its network has parameters.
+
+Each sample carries the teacher's opacity for one marching step
+``alpha = 1 - exp(-sigma * step)`` and its colour. The per-cell loss is the mean over the cell's samples of
 ``(alpha_s - alpha_t)^2 + mean_rgb (rgb_s - rgb_t)^2``; quality is
 ``distill_psnr = -10 log10(mean loss over all samples)``.
 """
@@ -92,6 +99,47 @@ def collect_distill_samples(teacher, marcher, bank: RayBank, field: KiloNeRFFiel
     # padded slots get a harmless unit direction
     out.dirs[~out.mask] = torch.tensor([0.0, 0.0, 1.0], device=device)
     return out
+
+
+@torch.no_grad()
+def uniform_distill_samples(teacher, field: KiloNeRFField, n_per_cell: int, step_size: float,
+                            generator: torch.Generator, chunk: int = 1 << 18) -> DistillSamples:
+    """``n_per_cell`` points uniform in each network's cell, directions uniform on the
+    sphere, with the teacher's ``alpha`` and colour as targets.
+
+    Returns :class:`DistillSamples` with ``P = n_per_cell`` and every slot valid.
+
+    Example::
+
+        samples = uniform_distill_samples(teacher, field, 4096, rs.step_size, gen)
+        samples.local.shape     # [field.n_nets, 4096, 3], in the cell's [-1, 1]^3
+    """
+    if n_per_cell < 1:
+        raise ValueError(f"n_per_cell must be >= 1, got {n_per_cell}")
+    device = field.net_cells.device
+    n, P = field.n_nets, int(n_per_cell)
+    local = (torch.rand(n, P, 3, generator=generator) * 2.0 - 1.0).to(device)
+    dirs = torch.nn.functional.normalize(torch.randn(n, P, 3, generator=generator), dim=-1)
+    dirs = dirs.to(device)
+    cells = field.net_cells[:, None].expand(n, P).reshape(-1)
+    x = field.cell_grid.to_global(local.reshape(-1, 3), cells)
+    d = dirs.reshape(-1, 3)
+    rgb, alpha = torch.empty(n * P, 3, device=device), torch.empty(n * P, device=device)
+    for a in range(0, n * P, chunk):
+        c, sigma = teacher(x[a:a + chunk], d[a:a + chunk])
+        rgb[a:a + chunk], alpha[a:a + chunk] = c, 1.0 - torch.exp(-sigma * step_size)
+    return DistillSamples(local=local, dirs=dirs, alpha=alpha.view(n, P),
+                          rgb=rgb.view(n, P, 3),
+                          mask=torch.ones(n, P, dtype=torch.bool, device=device),
+                          counts=torch.full((n,), P, dtype=torch.long, device=device))
+
+
+def concat_samples(a: DistillSamples, b: DistillSamples) -> DistillSamples:
+    """The samples of ``a`` and ``b`` per network (``[n, Pa + Pb, ...]``), padding kept."""
+    return DistillSamples(*(torch.cat([x, y], 1) for x, y in
+                            ((a.local, b.local), (a.dirs, b.dirs), (a.alpha, b.alpha),
+                             (a.rgb, b.rgb), (a.mask, b.mask))),
+                          counts=a.counts + b.counts)
 
 
 class DistillProblem(CellProblem):
