@@ -221,3 +221,31 @@ def test_unknown_key_and_missing_checkpoint(script, tmp_path):
     r = script("render_video.py", "--ckpt", tmp_path / "none.pt", "--out_dir", tmp_path)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:")
     assert "none.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_uniform_distill_samples_lie_in_their_cells_with_the_teachers_targets():
+    from kilonerf_lbfgs.nerf.fields.teacher import DenseGridTeacher
+    from kilonerf_lbfgs.nerf.train.distill import concat_samples, uniform_distill_samples
+    occ = torch.zeros(27, dtype=torch.bool)
+    occ[[2, 13, 25]] = True
+    field = small_field(occ)
+    teacher = DenseGridTeacher(BOX, resolution=12, color_resolution=6)
+    with torch.no_grad():
+        teacher.density_grid.normal_(0.0, 3.0)
+        teacher.feature_grid.normal_()
+    s = uniform_distill_samples(teacher, field, 200, 0.05, torch.Generator().manual_seed(0),
+                                chunk=97)                  # chunks that do not divide evenly
+    assert s.local.shape == (3, 200, 3) and bool(s.mask.all()) and s.counts.tolist() == [200] * 3
+    torch.testing.assert_close(s.dirs.norm(dim=-1), torch.ones(3, 200))
+    # the world points sit in their network's cell, and cover it (not a corner of it)
+    x = field.cell_grid.to_global(s.local.reshape(-1, 3), field.net_cells.repeat_interleave(200))
+    keep, net, local = field.locate(x)
+    assert bool(keep.all()) and torch.equal(net, torch.arange(3).repeat_interleave(200))
+    assert float(s.local.amin()) < -0.95 and float(s.local.amax()) > 0.95
+    rgb, sigma = teacher(x, s.dirs.reshape(-1, 3))
+    torch.testing.assert_close(s.rgb.reshape(-1, 3), rgb)
+    torch.testing.assert_close(s.alpha.reshape(-1), 1 - torch.exp(-sigma * 0.05))
+    both = concat_samples(s, s.select(torch.tensor([2, 1, 0])))
+    assert both.local.shape == (3, 400, 3) and both.counts.tolist() == [400] * 3
+    with pytest.raises(ValueError, match="n_per_cell"):
+        uniform_distill_samples(teacher, field, 0, 0.05, torch.Generator())
