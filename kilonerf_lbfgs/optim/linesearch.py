@@ -13,11 +13,36 @@ Modes:
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import NamedTuple, Tuple
 
 import torch
 
 LINE_SEARCHES = ("strong_wolfe", "armijo", "none")
+
+
+class LineSearchState(NamedTuple):
+    """One line search per entry of a batch of ``L`` lines (``L = n_cells`` for separable
+    losses, ``L = 1`` for a coupled one). Every field is ``[L]`` float64 except ``trials``.
+
+    Attributes:
+        t: the step length of the next trial (of the accepted one, where a trial was accepted).
+        lo_t, lo_f, lo_gtd: step, value and slope of the best point seen so far
+            (``t = 0`` at the start).
+        hi_t, hi_f, hi_gtd: the other end of the bracket; ``inf`` before a bracket exists.
+        trials: ``[L]`` long, trials consumed by this search.
+    """
+    t: torch.Tensor
+    lo_t: torch.Tensor
+    lo_f: torch.Tensor
+    lo_gtd: torch.Tensor
+    hi_t: torch.Tensor
+    hi_f: torch.Tensor
+    hi_gtd: torch.Tensor
+    trials: torch.Tensor
+
+    def where(self, cond: torch.Tensor, other: "LineSearchState") -> "LineSearchState":
+        """Fieldwise ``cond ? self : other`` with ``cond [L]`` bool."""
+        return LineSearchState(*(torch.where(cond, a, b) for a, b in zip(self, other)))
 
 
 def cubic_minimizer(t1, f1, g1, t2, f2, g2):
@@ -35,28 +60,36 @@ def cubic_minimizer(t1, f1, g1, t2, f2, g2):
     return torch.where(ok, t.clamp(lo, hi), 0.5 * (lo + hi))
 
 
-def new_line_state(f0: torch.Tensor, gtd0: torch.Tensor, t0: torch.Tensor) -> Dict[str, torch.Tensor]:
+def new_line_state(f0: torch.Tensor, gtd0: torch.Tensor, t0: torch.Tensor) -> LineSearchState:
     """Fresh search state for lines with value ``f0 [L]`` and slope ``gtd0 [L]`` at ``t = 0``,
     first trial at ``t0 [L]``. Everything float64 ``[L]`` except ``trials`` (long)."""
     inf = torch.full_like(f0, float("inf"))
-    return {"t": t0.clone(), "lo_t": torch.zeros_like(f0), "lo_f": f0.clone(),
-            "lo_gtd": gtd0.clone(), "hi_t": inf, "hi_f": inf.clone(), "hi_gtd": inf.clone(),
-            "trials": torch.zeros_like(f0, dtype=torch.long)}
+    return LineSearchState(t=t0.clone(), lo_t=torch.zeros_like(f0), lo_f=f0.clone(),
+                           lo_gtd=gtd0.clone(), hi_t=inf, hi_f=inf.clone(), hi_gtd=inf.clone(),
+                           trials=torch.zeros_like(f0, dtype=torch.long))
 
 
-def line_search_update(ls: Dict[str, torch.Tensor], f: torch.Tensor, gtd: torch.Tensor,
+def line_search_update(ls: LineSearchState, f: torch.Tensor, gtd: torch.Tensor,
                        f0: torch.Tensor, gtd0: torch.Tensor, mode: str = "strong_wolfe",
-                       c1: float = 1e-4, c2: float = 0.9, extrapolation: float = 4.0):
-    """Consume the trial at ``ls["t"]`` with value ``f [L]`` and slope ``gtd [L]``.
+                       c1: float = 1e-4, c2: float = 0.9, extrapolation: float = 4.0
+                       ) -> Tuple[torch.Tensor, torch.Tensor, LineSearchState]:
+    """Consume the trial at ``ls.t`` with value ``f [L]`` and slope ``gtd [L]``.
 
     Non-finite ``f`` or ``gtd`` counts as a failed sufficient-decrease test.
 
+    Args:
+        ls: the searches' state (see :class:`LineSearchState`).
+        f, gtd: ``[L]`` float64, value and directional derivative at the trial ``ls.t``.
+        f0, gtd0: ``[L]`` float64, value and directional derivative at ``t = 0``.
+        mode: one of :data:`LINE_SEARCHES`.
+        c1, c2: sufficient-decrease and curvature constants, ``0 < c1 < c2 < 1``.
+        extrapolation: factor by which the step grows before a bracket exists.
     Returns:
-        accept: ``[L]`` bool, the trial at ``ls["t"]`` satisfies the conditions.
+        accept: ``[L]`` bool, the trial at ``ls.t`` satisfies the conditions.
         lo_moved: ``[L]`` bool, the best point so far became this trial (keep its gradient).
-        ls: the updated state; ``ls["t"]`` is the next trial (meaningful where not accepted).
+        ls: the updated state; its ``t`` is the next trial (meaningful where not accepted).
     """
-    t = ls["t"]
+    t = ls.t
     finite = torch.isfinite(f) & torch.isfinite(gtd)
     if mode == "none":
         armijo = finite
@@ -64,7 +97,7 @@ def line_search_update(ls: Dict[str, torch.Tensor], f: torch.Tensor, gtd: torch.
         worse = ~finite
     else:
         armijo = finite & (f <= f0 + c1 * t * gtd0)
-        worse = ~armijo | (f >= ls["lo_f"])
+        worse = ~armijo | (f >= ls.lo_f)
         if mode == "strong_wolfe":
             curvature = gtd.abs() <= -c2 * gtd0
         elif mode == "armijo":
@@ -77,13 +110,13 @@ def line_search_update(ls: Dict[str, torch.Tensor], f: torch.Tensor, gtd: torch.
     gtd_safe = torch.where(finite, gtd, torch.full_like(gtd, float("inf")))
 
     # bracket bookkeeping (Nocedal & Wright's zoom rules)
-    flip = lo_moved & (gtd * (ls["hi_t"] - ls["lo_t"]) >= 0)
-    hi_t = torch.where(worse, t, torch.where(flip, ls["lo_t"], ls["hi_t"]))
-    hi_f = torch.where(worse, f_safe, torch.where(flip, ls["lo_f"], ls["hi_f"]))
-    hi_gtd = torch.where(worse, gtd_safe, torch.where(flip, ls["lo_gtd"], ls["hi_gtd"]))
-    lo_t = torch.where(lo_moved, t, ls["lo_t"])
-    lo_f = torch.where(lo_moved, f, ls["lo_f"])
-    lo_gtd = torch.where(lo_moved, gtd, ls["lo_gtd"])
+    flip = lo_moved & (gtd * (ls.hi_t - ls.lo_t) >= 0)
+    hi_t = torch.where(worse, t, torch.where(flip, ls.lo_t, ls.hi_t))
+    hi_f = torch.where(worse, f_safe, torch.where(flip, ls.lo_f, ls.hi_f))
+    hi_gtd = torch.where(worse, gtd_safe, torch.where(flip, ls.lo_gtd, ls.hi_gtd))
+    lo_t = torch.where(lo_moved, t, ls.lo_t)
+    lo_f = torch.where(lo_moved, f, ls.lo_f)
+    lo_gtd = torch.where(lo_moved, gtd, ls.lo_gtd)
 
     # next trial: interpolate inside a bracket, extrapolate before one exists
     bracketed = torch.isfinite(hi_t)
@@ -96,6 +129,7 @@ def line_search_update(ls: Dict[str, torch.Tensor], f: torch.Tensor, gtd: torch.
         right = torch.maximum(lo_t, hi_t) - 0.1 * width
         t_int = torch.minimum(torch.maximum(t_int, left), right)
         t_next = torch.where(bracketed, t_int, extrapolation * lo_t)
-    out = {"t": torch.where(accept, t, t_next), "lo_t": lo_t, "lo_f": lo_f, "lo_gtd": lo_gtd,
-           "hi_t": hi_t, "hi_f": hi_f, "hi_gtd": hi_gtd, "trials": ls["trials"] + 1}
+    out = LineSearchState(t=torch.where(accept, t, t_next), lo_t=lo_t, lo_f=lo_f,
+                          lo_gtd=lo_gtd, hi_t=hi_t, hi_f=hi_f, hi_gtd=hi_gtd,
+                          trials=ls.trials + 1)
     return accept, lo_moved, out
