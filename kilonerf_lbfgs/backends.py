@@ -12,17 +12,16 @@ import functools
 
 import torch
 
-from .io import UserError
-
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto" | "cpu" | "cuda"`` -> a ``torch.device`` (one clear error if CUDA is missing)."""
+    """``"auto" | "cpu" | "cuda"`` -> a ``torch.device``; ``ValueError`` for another name or
+    for ``cuda`` without a visible GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+        raise ValueError(f"device {name!r}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA GPU is visible; use cpu or auto")
     return torch.device(name)
 
 
@@ -60,7 +59,7 @@ def nerf_backend(name: str = "auto", device=None) -> str:
 
     ``auto`` picks nerfacc only for a CUDA device with nerfacc importable (see
     :func:`nerfacc_available`), else the pure-PyTorch path; ``nerfacc`` asked for where it cannot
-    run is one clear error.
+    run is a ``ValueError``.
     """
     dev = torch.device(device) if device is not None else resolve_device("auto")
     if name == "torch":
@@ -69,8 +68,8 @@ def nerf_backend(name: str = "auto", device=None) -> str:
         return "nerfacc" if dev.type == "cuda" and nerfacc_available() else "torch"
     if name == "nerfacc":
         if dev.type != "cuda" or not nerfacc_available():
-            raise UserError(f"backend nerfacc: needs a CUDA device and an importable nerfacc "
+            raise ValueError(f"backend nerfacc: needs a CUDA device and an importable nerfacc "
                             f"(device {dev}, CUDA available: {torch.cuda.is_available()}); "
                             f"use backend torch or auto")
         return "nerfacc"
-    raise UserError(f"backend {name}: choose auto, torch or nerfacc")
+    raise ValueError(f"backend {name}: choose auto, torch or nerfacc")

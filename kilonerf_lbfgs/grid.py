@@ -13,6 +13,12 @@ import torch
 Number = Union[int, float]
 
 
+def in_box(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``x [..., d]`` -> ``[...]`` bool: the point lies in the closed box ``[lo, hi]``
+    (``lo``, ``hi``: ``[d]``). The one box test of the package."""
+    return ((x >= lo) & (x <= hi)).all(dim=-1)
+
+
 class CellGrid:
     """Regular grid of ``prod(resolution)`` cells covering the box ``[lo, hi]``.
 
@@ -59,8 +65,7 @@ class CellGrid:
 
     def inside(self, x: torch.Tensor) -> torch.Tensor:
         """``x [M, d]`` -> ``[M]`` bool: the point lies in the closed box."""
-        lo, hi = self.lo.to(x), self.hi.to(x)
-        return ((x >= lo) & (x <= hi)).all(dim=-1)
+        return in_box(x, self.lo.to(x), self.hi.to(x))
 
     def cell_index(self, x: torch.Tensor) -> torch.Tensor:
         """``x [M, d]`` -> per-axis integer cell coordinates ``[M, d]`` (long).

@@ -11,8 +11,17 @@ import numpy as np
 import torch
 
 
-class UserError(Exception):
-    """A problem with the user's input: scripts print its message as one line and exit 1."""
+def check_input_file(path: str, exts: Sequence[str], kind: str) -> str:
+    """``path``'s lower-case extension, after checking that the file exists
+    (``FileNotFoundError``) and that the extension is one of ``exts`` (``ValueError``);
+    ``kind`` names what the file should hold ("audio", "mesh", ...)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such {kind} file: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in exts:
+        raise ValueError(f"{path}: unsupported {kind} format {ext or '(none)'}; use "
+                         f"{', '.join(exts)}")
+    return ext
 
 
 def _atomic_write(path: str, write) -> None:
@@ -38,12 +47,14 @@ def save_checkpoint(path: str, payload: Dict) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict:
+    """A checkpoint written by :func:`save_checkpoint`. ``FileNotFoundError`` when there is
+    none at ``path``, ``ValueError`` when the file cannot be read as one."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; train first or pass the right path")
+        raise FileNotFoundError(f"no checkpoint at {path}; train first or pass the right path")
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - a damaged file is the file's problem
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
 
 
 def _json_default(o):
@@ -112,3 +123,12 @@ def plot_convergence(path: str, curves: Dict[str, Sequence[Sequence[float]]],
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def __getattr__(name: str):
+    # ``UserError`` moved to the command-line layer (kilonerf_lbfgs.config); this name stays
+    # for the modules that still import it from here.
+    if name == "UserError":
+        from .config import UserError
+        return UserError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

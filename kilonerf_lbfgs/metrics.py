@@ -17,10 +17,6 @@ def psnr_from_mse(mse, data_range: float = 1.0) -> float:
     return 10.0 * math.log10(data_range * data_range / mse)
 
 
-def mse_from_psnr(psnr: float, data_range: float = 1.0) -> float:
-    return data_range * data_range * 10.0 ** (-psnr / 10.0)
-
-
 def psnr(pred, target, data_range: float = 1.0) -> float:
     """PSNR of two arrays/tensors of the same shape."""
     pred = torch.as_tensor(pred, dtype=torch.float64)

@@ -3,16 +3,28 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 
 from .activations import ACTIVATIONS
 from .backends import resolve_device
-from .config import require_positive
+from .config import UserError, add_options, for_option, option
 from .fitting import CellProblem, FitConfig, FitResult, fit
-from .io import UserError, load_checkpoint, plot_convergence, save_json
+from .io import load_checkpoint, plot_convergence, save_json
 from .multinet import MultiMLP
+
+
+@dataclass
+class ModelOptions:
+    """The cell networks' options (:class:`~kilonerf_lbfgs.multinet.MultiMLP`)."""
+    width: int = option(32, "hidden width per cell", positive=True)
+    depth: int = option(3, "hidden layers per cell", positive=True)
+    activation: str = option("sine", "the hidden layers' activation", choices=tuple(ACTIVATIONS))
+    omega_0: float = option(30.0, "sine frequency", positive=True)
+    sigma: float = option(0.1, "Gaussian width", positive=True)
+    pe_freqs: int = option(5, "relu_pe octaves", min=0)
 
 
 def _float_or_auto(value: str):
@@ -20,30 +32,14 @@ def _float_or_auto(value: str):
 
 
 def add_model_args(parser, width: int = 32, depth: int = 3, omega_0=30.0) -> None:
-    """Network options; ``omega_0="auto"`` lets ``--omega_0`` also take ``auto`` (the
-    script then picks it from the signal)."""
-    parser.add_argument("--width", type=int, default=width, help="hidden width per cell")
-    parser.add_argument("--depth", type=int, default=depth, help="hidden layers per cell")
-    parser.add_argument("--activation", default="sine",
-                        help=f"one of {', '.join(ACTIVATIONS)}")
+    """The :class:`ModelOptions` flags with these defaults; ``omega_0="auto"`` lets
+    ``--omega_0`` also take ``auto`` (the script then picks it from the signal)."""
+    overrides = {}
     if omega_0 == "auto":
-        parser.add_argument("--omega_0", type=_float_or_auto, default="auto",
-                            help="sine frequency, or auto (chosen from the signal)")
-    else:
-        parser.add_argument("--omega_0", type=float, default=omega_0, help="sine frequency")
-    parser.add_argument("--sigma", type=float, default=0.1, help="Gaussian width")
-    parser.add_argument("--pe_freqs", type=int, default=5, help="relu_pe octaves")
-
-
-def check_model_args(args) -> None:
-    require_positive(args, "width", "depth", "max_seconds")
-    if args.activation not in ACTIVATIONS:
-        raise UserError(f"--activation {args.activation}: unknown; choose one of "
-                        f"{', '.join(ACTIVATIONS)}")
-    if args.history_size <= 0:
-        raise UserError(f"--history_size must be positive, got {args.history_size}")
-    if args.lr is not None and args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+        overrides["omega_0"] = {"type": _float_or_auto,
+                                "help": "sine frequency, or auto (chosen from the signal)"}
+    add_options(parser, ModelOptions, defaults={"width": width, "depth": depth,
+                                                "omega_0": omega_0}, overrides=overrides)
 
 
 def make_model(args, n_cells: int, d_in: int, d_out: int, device) -> MultiMLP:
@@ -73,7 +69,8 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     resume = None
     if args.resume and os.path.isfile(ckpt_path):
-        resume = load_checkpoint(ckpt_path, map_location=next(model.parameters()).device)
+        with for_option("--resume", ckpt_path):
+            resume = load_checkpoint(ckpt_path, map_location=next(model.parameters()).device)
         if resume.get("modality") != modality or resume.get("n_cells") != model.n_cells \
                 or resume.get("params_per_cell") != model.params_per_cell:
             raise UserError(f"--resume: {ckpt_path} was written by a different run "
@@ -110,4 +107,5 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
 def setup_run(args):
     """Seed and device from the common options."""
     torch.manual_seed(int(args.seed))
-    return resolve_device(args.device)
+    with for_option("--device", args.device):
+        return resolve_device(args.device)

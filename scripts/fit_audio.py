@@ -6,25 +6,29 @@
 import math
 import os
 
-from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
+from kilonerf_lbfgs.config import (build_parser, for_option, parse_args, require_positive,
+                                   run_main)
 from kilonerf_lbfgs.metrics import psnr, snr_db
-from kilonerf_lbfgs.runner import add_model_args, check_model_args, make_model, run_fit, setup_run
+from kilonerf_lbfgs.runner import add_model_args, make_model, run_fit, setup_run
 from kilonerf_lbfgs.signals.audio import (AudioProblem, load_audio, omega_for_cells,
                                           save_waveform_plot, save_wav)
 
+# a bare --config NAME is also looked up in the repository's configs/ beside this script
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+
 
 def main():
-    p = build_parser(__doc__)
+    p = build_parser(__doc__, config_dirs=[CONFIGS])
     add_model_args(p, width=32, depth=2, omega_0="auto")
     p.add_argument("--audio", default=None,
                    help="WAV/FLAC file, mono or stereo, any rate (default: a synthesised chord)")
     p.add_argument("--samples_per_cell", type=int, default=256, help="samples per time cell")
     args = parse_args(p)
     auto = args.omega_0 == "auto"
-    check_model_args(args)
-    require_positive(args, "samples_per_cell", *([] if auto else ["omega_0"]))
+    require_positive(args, "samples_per_cell")
     device = setup_run(args)
-    wave, rate = load_audio(args.audio)
+    with for_option("--audio", args.audio):
+        wave, rate = load_audio(args.audio)
     n_cells = max(1, math.ceil(wave.shape[0] / args.samples_per_cell))
     if auto:
         args.omega_0 = omega_for_cells(wave, wave.shape[0] / n_cells)

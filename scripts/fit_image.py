@@ -5,15 +5,19 @@
 """
 import os
 
-from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
-from kilonerf_lbfgs.io import UserError, save_png
+from kilonerf_lbfgs.config import (UserError, build_parser, for_option, parse_args,
+                                   require_positive, run_main)
+from kilonerf_lbfgs.io import save_png
 from kilonerf_lbfgs.metrics import psnr, ssim
-from kilonerf_lbfgs.runner import add_model_args, check_model_args, make_model, run_fit, setup_run
+from kilonerf_lbfgs.runner import add_model_args, make_model, run_fit, setup_run
 from kilonerf_lbfgs.signals.image import ImageProblem, center_crop, load_image
+
+# a bare --config NAME is also looked up in the repository's configs/ beside this script
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 
 
 def main():
-    p = build_parser(__doc__)
+    p = build_parser(__doc__, config_dirs=[CONFIGS])
     add_model_args(p)
     p.add_argument("--image", default=None,
                    help="PNG/JPEG path, or astronaut|camera|coffee (bundled with scikit-image)")
@@ -21,15 +25,16 @@ def main():
     p.add_argument("--grid", type=int, nargs="+", default=[16, 16],
                    help="cells per axis: ROWS [COLS]")
     args = parse_args(p)
-    check_model_args(args)
     require_positive(args, "grid")
     if len(args.grid) > 2:
         raise UserError(f"--grid takes one or two numbers (ROWS [COLS]), got {args.grid}")
     device = setup_run(args)
-    img = load_image(args.image)
+    with for_option("--image", args.image):
+        img = load_image(args.image)
     if args.crop > 0:
         img = center_crop(img, args.crop)
-    problem = ImageProblem(img, args.grid, device=device)
+    with for_option("--grid", args.grid):
+        problem = ImageProblem(img, args.grid, device=device)
     model = make_model(args, problem.n_cells, 2, img.shape[2], device)
     print(f"image {img.shape[0]}x{img.shape[1]}x{img.shape[2]}, {problem.n_cells} cells, "
           f"{model.params_per_cell} parameters per cell, {args.optimizer} on {device}")

@@ -5,17 +5,21 @@
 """
 import os
 
-from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
-from kilonerf_lbfgs.runner import add_model_args, check_model_args, make_model, run_fit, setup_run
+from kilonerf_lbfgs.config import (build_parser, for_option, parse_args, require_positive,
+                                   run_main)
+from kilonerf_lbfgs.runner import add_model_args, make_model, run_fit, setup_run
 from kilonerf_lbfgs.signals.shape import (TARGETS, inside_mesh, load_mesh, make_shape_problem,
                                           normalize_mesh)
 from kilonerf_lbfgs.signals.shape_export import (chamfer, extract_mesh, field_volume,
                                                  grid_points, model_field, save_ply,
                                                  save_preview)
 
+# a bare --config NAME is also looked up in the repository's configs/ beside this script
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+
 
 def main():
-    p = build_parser(__doc__, psnr_target=False)
+    p = build_parser(__doc__, psnr_target=False, config_dirs=[CONFIGS])
     add_model_args(p, width=32, depth=3, omega_0=10.0)
     p.add_argument("--mesh", default=None, help="OBJ/PLY/OFF/STL file (default: a torus knot "
                    "made in code)")
@@ -29,13 +33,13 @@ def main():
     p.add_argument("--resolution", type=int, default=128, help="marching-cubes lattice")
     p.add_argument("--target_iou", type=float, default=None, help="stop at this IoU")
     args = parse_args(p)
-    check_model_args(args)
     require_positive(args, "grid", "points", "eval_points", "near_sigma", "resolution")
     device = setup_run(args)
-    mesh = normalize_mesh(load_mesh(args.mesh))
-    problem = make_shape_problem(mesh, args.grid, args.target, args.points, args.eval_points,
-                                 args.near_fraction, args.near_sigma, args.seed, device,
-                                 source=f"--mesh {args.mesh or 'torus knot'}")
+    with for_option("--mesh", args.mesh):
+        mesh = normalize_mesh(load_mesh(args.mesh))
+        problem = make_shape_problem(mesh, args.grid, args.target, args.points,
+                                     args.eval_points, args.near_fraction, args.near_sigma,
+                                     args.seed, device, source=args.mesh or "torus knot")
     model = make_model(args, problem.n_cells, 3, 1, device)
     print(f"mesh {len(mesh.vertices)} vertices, {len(mesh.faces)} faces; {args.target}, "
           f"{problem.n_cells} cells, {model.params_per_cell} parameters per cell, "

@@ -5,15 +5,18 @@
 """
 import os
 
-from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
-from kilonerf_lbfgs.io import UserError
-from kilonerf_lbfgs.runner import add_model_args, check_model_args, make_model, run_fit, setup_run
+from kilonerf_lbfgs.config import (UserError, build_parser, for_option, parse_args,
+                                   require_positive, run_main)
+from kilonerf_lbfgs.runner import add_model_args, make_model, run_fit, setup_run
 from kilonerf_lbfgs.signals.video import (VideoProblem, frame_metrics, load_video, save_mp4,
                                           save_side_by_side, video_fps)
 
+# a bare --config NAME is also looked up in the repository's configs/ beside this script
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+
 
 def main():
-    p = build_parser(__doc__)
+    p = build_parser(__doc__, config_dirs=[CONFIGS])
     add_model_args(p)
     p.add_argument("--video", default=None,
                    help="MP4/GIF file or folder of frames (default: a clip made in code)")
@@ -25,15 +28,16 @@ def main():
     p.add_argument("--chunk_cells", type=int, default=16,
                    help="cells per forward/backward chunk (bounds memory)")
     args = parse_args(p)
-    check_model_args(args)
     require_positive(args, "grid", "chunk_cells")
     if args.frames < 0:
         raise UserError(f"--frames must be 0 (all) or positive, got {args.frames}")
     if args.resize is not None and (len(args.resize) not in (1, 2) or min(args.resize) <= 0):
         raise UserError(f"--resize takes a positive FACTOR or W H, got {args.resize}")
     device = setup_run(args)
-    clip = load_video(args.video, args.frames or None, args.resize)
-    problem = VideoProblem(clip, args.grid, args.chunk_cells, device=device)
+    with for_option("--video", args.video):
+        clip = load_video(args.video, args.frames or None, args.resize)
+    with for_option("--grid", args.grid):
+        problem = VideoProblem(clip, args.grid, args.chunk_cells, device=device)
     model = make_model(args, problem.n_cells, 3, clip.shape[3], device)
     print(f"video {clip.shape[0]} frames of {clip.shape[1]}x{clip.shape[2]}x{clip.shape[3]}, "
           f"{problem.n_cells} cells, {model.params_per_cell} parameters per cell, "

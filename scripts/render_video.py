@@ -10,15 +10,22 @@ import time
 import imageio.v2 as imageio
 import torch
 
-from kilonerf_lbfgs.backends import resolve_device
-from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
-from kilonerf_lbfgs.io import UserError, load_checkpoint, save_png, to_uint8
+from kilonerf_lbfgs.config import (UserError, build_parser, for_option, parse_args,
+                                   require_positive, run_main)
+from kilonerf_lbfgs.io import load_checkpoint, save_png, to_uint8
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene
 from kilonerf_lbfgs.nerf.evaluate import render_view
 from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
 from kilonerf_lbfgs.nerf.render.marcher import Marcher
 from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions
 from kilonerf_lbfgs.nerf.data.rays import orbit_poses
+from kilonerf_lbfgs.runner import setup_run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+# a bare --config NAME is also looked up in the repository's configs/, and a relative
+# --datadir that is not found from the working folder in the repository
+CONFIGS = os.path.join(REPO, "configs")
 
 
 def load_trained(path: str, device):
@@ -26,7 +33,8 @@ def load_trained(path: str, device):
     if not os.path.isfile(path):
         raise UserError(f"--ckpt {path}: no such checkpoint; train first with "
                         f"scripts/train_nerf.py (it writes OUT_DIR/checkpoint.pt)")
-    ckpt = load_checkpoint(path, map_location=device)
+    with for_option("--ckpt", path):
+        ckpt = load_checkpoint(path, map_location=device)
     if ckpt.get("kind") != "nerf" or "field" not in ckpt:
         raise UserError(f"--ckpt {path}: not a NeRF checkpoint with trained cell networks "
                         f"(was training stopped before the cells were built?)")
@@ -41,7 +49,7 @@ def load_trained(path: str, device):
 
 
 def main():
-    p = build_parser(__doc__, psnr_target=False)
+    p = build_parser(__doc__, psnr_target=False, config_dirs=[CONFIGS])
     add_nerf_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint (default: OUT_DIR/checkpoint.pt)")
     p.add_argument("--n_frames", type=int, default=60)
@@ -53,11 +61,11 @@ def main():
     p.add_argument("--chunk", type=int, default=8192, help="rays per batch (bounds memory)")
     args = parse_args(p)
     require_positive(args, "n_frames", "radius", "fps", "chunk")
-    device = resolve_device(args.device)
+    device = setup_run(args)
     ckpt = args.ckpt or os.path.join(args.out_dir, "checkpoint.pt")
     field, marcher, opts, camera = load_trained(ckpt, device)
     if camera is None:   # older checkpoints: take the camera from the scene's test split
-        test = load_scene(args)["test"]
+        test = load_scene(args, search_dirs=[REPO])["test"]
         camera = {"W": test.W, "H": test.H, "intrinsics": test.intrinsics[0].tolist()}
     W, H = args.render_wh or (camera["W"], camera["H"])
     if W <= 0 or H <= 0:

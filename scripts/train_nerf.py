@@ -2,13 +2,12 @@
 """Train a KiloNeRF-style grid of tiny sine networks on a Blender / NeRF-synthetic scene,
 then evaluate it on the test split.
 
-    python scripts/train_nerf.py --config configs/demo.txt      # generated scene, no download
-    python scripts/train_nerf.py --config configs/lego.txt --datadir PATH/nerf_synthetic/lego
+    python scripts/train_nerf.py --config demo.txt      # generated scene, no download
+    python scripts/train_nerf.py --config lego.txt --datadir PATH/nerf_synthetic/lego
 """
 import os
 
-
-from kilonerf_lbfgs.config import build_parser, parse_args, require_positive, run_main
+from kilonerf_lbfgs.config import build_parser, parse_args, run_main
 from kilonerf_lbfgs.io import plot_convergence, save_json
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, options_from_args
 from kilonerf_lbfgs.nerf.evaluate import evaluate
@@ -16,14 +15,19 @@ from kilonerf_lbfgs.nerf.data.rays import RayBank
 from kilonerf_lbfgs.nerf.train.pipeline import NerfPipeline, resume_or_new
 from kilonerf_lbfgs.runner import setup_run
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+# a bare --config NAME is also looked up in the repository's configs/, and a relative
+# --datadir that is not found from the working folder in the repository
+CONFIGS = os.path.join(REPO, "configs")
+
 
 def main():
-    p = build_parser(__doc__)
+    p = build_parser(__doc__, config_dirs=[CONFIGS])
     add_nerf_args(p)
     args = parse_args(p)
-    require_positive(args, "max_seconds", "batch_rays", "grid_res", "occ_res")
     device = setup_run(args)
-    data = load_scene(args)
+    data = load_scene(args, search_dirs=[REPO])
     opts = options_from_args(args, data["train"])
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt = os.path.join(args.out_dir, "checkpoint.pt")

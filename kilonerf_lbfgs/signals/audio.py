@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..grid import CellGrid
-from ..io import UserError
+from ..io import check_input_file
 from ..packing import pack_samples
 from ..problems import PackedMSEProblem
 
@@ -33,23 +33,19 @@ def synth_audio(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
 
 
 def load_audio(path: Optional[str] = None) -> Tuple[np.ndarray, int]:
-    """``(samples [T, C] float32 in [-1, 1], sample rate)``; None gives :func:`synth_audio`."""
+    """``(samples [T, C] float32 in [-1, 1], sample rate)``; None gives :func:`synth_audio`.
+    ``FileNotFoundError`` / ``ValueError`` name the file when it is missing or unreadable."""
     if path is None:
         return synth_audio(), 16000
-    if not os.path.isfile(path):
-        raise UserError(f"--audio {path}: no such file")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in AUDIO_EXTS:
-        raise UserError(f"--audio {path}: unsupported format {ext or '(none)'}; use "
-                        f"{', '.join(AUDIO_EXTS)}")
+    check_input_file(path, AUDIO_EXTS, "audio")
     import soundfile as sf
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the user's file
-        raise UserError(f"--audio {path}: cannot be read as audio ({type(e).__name__}); "
-                        f"use WAV or FLAC") from e
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the file's
+        raise ValueError(f"{path} cannot be read as audio ({type(e).__name__}); "
+                         f"use WAV or FLAC") from e
     if data.shape[0] == 0:
-        raise UserError(f"--audio {path}: the file has no samples")
+        raise ValueError(f"{path}: the file has no samples")
     return np.clip(data, -1.0, 1.0), int(rate)
 
 
@@ -79,7 +75,7 @@ class AudioProblem(PackedMSEProblem):
     def __init__(self, wave: np.ndarray, n_cells: int, device="cpu", dtype=torch.float32):
         t, c = wave.shape
         if n_cells <= 0 or n_cells > t:
-            raise UserError(f"--cells {n_cells}: must lie in [1, {t}] for {t} samples")
+            raise ValueError(f"n_cells {n_cells}: must lie in [1, {t}] for {t} samples")
         self.shape = (t, c)
         self.grid = CellGrid([0.0], [float(t)], [n_cells])
         coords = (torch.arange(t, dtype=torch.float64) + 0.5)[:, None]

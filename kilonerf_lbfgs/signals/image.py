@@ -6,14 +6,13 @@ different pixel counts, which the packed layout handles (no cropping, no rejecti
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..grid import CellGrid
-from ..io import UserError
+from ..images import decode_image, read_image
 from ..packing import pack_samples
 from ..problems import PackedMSEProblem
 
@@ -24,39 +23,14 @@ def load_image(source: Optional[str] = None) -> np.ndarray:
     """An image as float32 ``[H, W, C]`` in [0, 1] (C = 1 or 3).
 
     ``source`` is a file path (PNG/JPEG/...; grayscale, RGB, RGBA composited on white,
-    8 or 16 bit) or the name of an image that ships with scikit-image (``astronaut``,
-    ``camera``, ``coffee``); None means ``astronaut``.
+    8 or 16 bit; see :func:`~kilonerf_lbfgs.images.read_image`) or the name of an image that
+    ships with scikit-image (``astronaut``, ``camera``, ``coffee``); None means ``astronaut``.
+    ``FileNotFoundError`` / ``ValueError`` name the file when it is missing or unreadable.
     """
     if source is None or source in BUILTIN_IMAGES:
         from skimage import data
-        img = getattr(data, source or "astronaut")()
-    else:
-        if not os.path.isfile(source):
-            raise UserError(f"--image {source}: no such file")
-        import imageio.v3 as iio
-        try:
-            img = iio.imread(source)
-        except Exception as e:  # noqa: BLE001 - any decoder failure is the user's file
-            raise UserError(f"--image {source}: cannot be read as an image "
-                            f"({type(e).__name__}); use a PNG or JPEG") from e
-    img = np.asarray(img)
-    if img.ndim == 4:           # animated image: first frame
-        img = img[0]
-    if img.ndim not in (2, 3) or img.size == 0 or min(img.shape[:2]) < 1:
-        raise UserError(f"--image {source}: expected a 2-D grayscale or colour image, "
-                        f"got an array of shape {img.shape}")
-    if np.issubdtype(img.dtype, np.integer):
-        img = img.astype(np.float32) / float(np.iinfo(img.dtype).max)
-    else:
-        img = img.astype(np.float32)
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[2] in (2, 4):  # gray+alpha or RGBA: composite on white
-        alpha = img[..., -1:]
-        img = img[..., :-1] * alpha + (1.0 - alpha)
-    if img.shape[2] not in (1, 3):
-        raise UserError(f"--image {source}: {img.shape[2]} channels; expected 1 to 4")
-    return np.clip(img, 0.0, 1.0)
+        return decode_image(getattr(data, source or "astronaut")())
+    return read_image(source)
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -88,8 +62,8 @@ class ImageProblem(PackedMSEProblem):
         h, w, c = image.shape
         rows, cols = int(grid[0]), int(grid[-1])
         if rows > h or cols > w:
-            raise UserError(f"--grid {rows} {cols}: more cells than pixels in a "
-                            f"{h}x{w} image")
+            raise ValueError(f"grid {rows} {cols}: more cells than pixels in a "
+                             f"{h}x{w} image")
         self.shape = (h, w, c)
         self.grid = CellGrid([0.0, 0.0], [float(h), float(w)], [rows, cols])
         values = torch.as_tensor(image.reshape(-1, c), dtype=torch.float64)

@@ -11,14 +11,13 @@ IoU on held-out uniform points, evaluated on the model's current parameters.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..grid import CellGrid
-from ..io import UserError
+from ..io import check_input_file
 from ..packing import pack_samples
 from ..problems import PackedMSEProblem
 
@@ -62,26 +61,21 @@ def load_mesh(path: Optional[str] = None):
     :func:`torus_knot_mesh`."""
     if path is None:
         return torus_knot_mesh()
-    if not os.path.isfile(path):
-        raise UserError(f"--mesh {path}: no such file")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in MESH_EXTS:
-        raise UserError(f"--mesh {path}: unsupported format {ext or '(none)'}; use "
-                        f"{', '.join(MESH_EXTS)}")
+    check_input_file(path, MESH_EXTS, "mesh")
     import trimesh
     try:
         mesh = trimesh.load(path, force="mesh", process=True)
     except Exception as e:  # noqa: BLE001 - any parser failure is the user's file
-        raise UserError(f"--mesh {path}: cannot be read as a mesh ({type(e).__name__})") from e
+        raise ValueError(f"{path} cannot be read as a mesh ({type(e).__name__})") from e
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
-        raise UserError(f"--mesh {path}: the mesh has no triangles")
+        raise ValueError(f"{path}: the mesh has no triangles")
     mesh.update_faces(mesh.nondegenerate_faces())
     mesh.update_faces(mesh.unique_faces())
     mesh.remove_unreferenced_vertices()
     if len(mesh.faces) == 0 or not np.isfinite(mesh.vertices).all():
-        raise UserError(f"--mesh {path}: no valid triangles (all degenerate or non-finite)")
+        raise ValueError(f"{path}: no valid triangles (all degenerate or non-finite)")
     if min(mesh.extents) <= 1e-9 * max(mesh.extents):
-        raise UserError(f"--mesh {path}: the mesh is flat (encloses no volume)")
+        raise ValueError(f"{path}: the mesh is flat (encloses no volume)")
     if not mesh.is_watertight:
         trimesh.repair.fill_holes(mesh)
         trimesh.repair.fix_winding(mesh)
@@ -189,7 +183,7 @@ class ShapeProblem(PackedMSEProblem):
                  eval_inside: np.ndarray, grid: Sequence[int], target: str = "occupancy",
                  device="cpu", dtype=torch.float32, _packed=None):
         if target not in TARGETS:
-            raise UserError(f"--target {target}: choose one of {', '.join(TARGETS)}")
+            raise ValueError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
         self.target = target
         self.level = 0.5 if target == "occupancy" else 0.0
         self.grid = CellGrid([0.0] * 3, [1.0] * 3, [int(g) for g in grid])
@@ -234,9 +228,9 @@ class ShapeProblem(PackedMSEProblem):
 def make_shape_problem(mesh, grid: Sequence[int], target: str = "occupancy",
                        n_points: int = 100_000, n_eval: int = 50_000,
                        near_fraction: float = 0.5, sigma: float = 0.01, seed: int = 0,
-                       device="cpu", source: str = "--mesh") -> ShapeProblem:
-    """Sample, label and pack a normalised mesh. Raises :class:`UserError` when the mesh
-    encloses no volume (e.g. an open sheet whose holes cannot be closed)."""
+                       device="cpu", source: str = "the mesh") -> ShapeProblem:
+    """Sample, label and pack a normalised mesh. Raises ``ValueError`` (naming ``source``)
+    when the mesh encloses no volume (e.g. an open sheet whose holes cannot be closed)."""
     train_x = sample_points(mesh, n_points, near_fraction, sigma, seed)
     eval_x = sample_points(mesh, n_eval, 0.0, sigma, seed + 7919)
     w = np.abs(winding_numbers(mesh, eval_x))
@@ -245,8 +239,9 @@ def make_shape_problem(mesh, grid: Sequence[int], target: str = "occupancy",
     # sheet leaves many points undecided and little or nothing inside
     undecided = int(((w > 0.2) & (w < 0.8)).sum())
     if eval_inside.sum() == 0 or undecided > 0.2 * eval_inside.sum() or eval_inside.mean() > 0.99:
-        raise UserError(f"{source}: the mesh encloses no usable volume ({eval_inside.mean():.3f} "
-                        f"of the box inside, {undecided} of {len(w)} points undecided): it is "
-                        f"open or broken beyond repair; close its holes or pass a watertight mesh")
+        raise ValueError(f"{source}: the mesh encloses no usable volume ({eval_inside.mean():.3f} "
+                         f"of the box inside, {undecided} of {len(w)} points undecided): it is "
+                         f"open or broken beyond repair; close its holes or pass a watertight "
+                         f"mesh")
     train_y = label_points(mesh, train_x, target)
     return ShapeProblem(train_x, train_y, eval_x, eval_inside, grid, target, device=device)

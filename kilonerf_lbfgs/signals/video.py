@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..grid import CellGrid
-from ..io import UserError, save_png, to_uint8
+from ..images import decode_image, read_image, resize_area
+from ..io import check_input_file, save_png, to_uint8
 from ..metrics import psnr, ssim
 from ..packing import pack_samples
 from ..problems import PackedMSEProblem
@@ -43,21 +44,18 @@ def synth_video(frames: int = 16, size: int = 64) -> np.ndarray:
 
 
 def _read_frames(path: str, frames: Optional[int]) -> List[np.ndarray]:
+    """Decoded frames (float32 ``[H, W, C]`` in [0, 1]) of a folder or a video file."""
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTS))
         names = names[:frames] if frames else names
-        import imageio.v3 as iio
-        return [iio.imread(os.path.join(path, n)) for n in names]
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in VIDEO_EXTS:
-        raise UserError(f"--video {path}: unsupported format {ext or '(none)'}; use "
-                        f"{', '.join(VIDEO_EXTS)} or a folder of frames")
+        return [read_image(os.path.join(path, n)) for n in names]
     import imageio.v2 as iio2
-    reader = iio2.get_reader(path, "ffmpeg" if ext != ".gif" else None)
+    reader = iio2.get_reader(path, "ffmpeg" if os.path.splitext(path)[1].lower() != ".gif"
+                             else None)
     out = []
     try:
         for f in reader:
-            out.append(np.asarray(f))
+            out.append(decode_image(np.asarray(f)))
             if frames and len(out) >= frames:
                 break
     finally:
@@ -66,16 +64,11 @@ def _read_frames(path: str, frames: Optional[int]) -> List[np.ndarray]:
 
 
 def _resize(frame: np.ndarray, resize: Sequence[float]) -> np.ndarray:
-    import cv2
+    """``resize``: ``[factor]`` or ``[W, H]``."""
     h, w = frame.shape[:2]
     if len(resize) == 1:
-        size = (max(1, round(w * resize[0])), max(1, round(h * resize[0])))
-    else:
-        size = (int(resize[0]), int(resize[1]))
-    if size == (w, h):
-        return frame
-    out = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-    return out[..., None] if out.ndim == 2 else out
+        return resize_area(frame, max(1, round(w * resize[0])), max(1, round(h * resize[0])))
+    return resize_area(frame, int(resize[0]), int(resize[1]))
 
 
 def load_video(path: Optional[str] = None, frames: Optional[int] = None,
@@ -87,35 +80,31 @@ def load_video(path: Optional[str] = None, frames: Optional[int] = None,
             :func:`synth_video`.
         frames: keep the first ``frames`` frames (None: all).
         resize: ``[factor]`` or ``[W, H]`` (None: original size), area interpolation.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing, of an
+    unsupported format, unreadable, empty, or holds frames of different sizes.
     """
     if path is None:
         clip = synth_video()
         clip = clip[:frames] if frames else clip
         return np.stack([_resize(f, resize) for f in clip]) if resize else clip
     if not os.path.exists(path):
-        raise UserError(f"--video {path}: no such file or folder")
+        raise FileNotFoundError(f"no such video file or folder: {path}")
+    if not os.path.isdir(path):
+        check_input_file(path, VIDEO_EXTS, "video")
     try:
-        raw = _read_frames(path, frames)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the user's file
-        raise UserError(f"--video {path}: cannot be read as video ({type(e).__name__}); "
-                        f"use MP4, GIF or a folder of PNG/JPEG frames") from e
-    if not raw:
-        raise UserError(f"--video {path}: no frames found")
-    out = []
-    for f in raw:
-        f = np.asarray(f)
-        if np.issubdtype(f.dtype, np.integer):
-            f = f.astype(np.float32) / float(np.iinfo(f.dtype).max)
-        f = f.astype(np.float32)
-        f = f[..., None] if f.ndim == 2 else f
-        if f.shape[2] in (2, 4):                      # alpha: composite on white
-            f = f[..., :-1] * f[..., -1:] + (1.0 - f[..., -1:])
-        out.append(_resize(f, resize) if resize else f)
+        out = _read_frames(path, frames)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the file's
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} cannot be read as video ({type(e).__name__}: {detail}); "
+                         f"use MP4, GIF or a folder of PNG/JPEG frames") from e
+    if not out:
+        raise ValueError(f"{path}: no frames found")
+    if resize:
+        out = [_resize(f, resize) for f in out]
     if len({f.shape for f in out}) != 1:
-        raise UserError(f"--video {path}: frames have different sizes; pass --resize W H")
-    return np.clip(np.stack(out), 0.0, 1.0)
+        raise ValueError(f"{path}: frames have different sizes; resize them to one W H")
+    return np.stack(out)
 
 
 def video_fps(path: Optional[str], default: float = 25.0) -> float:
@@ -152,8 +141,8 @@ class VideoProblem(PackedMSEProblem):
         t, h, w, c = video.shape
         res = [int(g) for g in grid]
         if len(res) != 3 or any(g > n for g, n in zip(res, (t, h, w))):
-            raise UserError(f"--grid {res}: need FRAMES ROWS COLS, each at most the clip's "
-                            f"{t} frames x {h} x {w} pixels")
+            raise ValueError(f"grid {res}: need FRAMES ROWS COLS, each at most the clip's "
+                             f"{t} frames x {h} x {w} pixels")
         self.shape = (t, h, w, c)
         self.grid = CellGrid([0.0, 0.0, 0.0], [float(t), float(h), float(w)], res)
         values = torch.as_tensor(video.reshape(-1, c))

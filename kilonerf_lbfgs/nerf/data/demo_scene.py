@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -232,9 +232,22 @@ def generate_demo_scene(out_dir: str, size: int = 64, n_train: int = 60, n_test:
     return out_dir
 
 
-def ensure_demo_scene(out_dir: str, **kw) -> str:
-    """``generate_demo_scene(out_dir, **kw)`` unless ``out_dir/transforms_train.json`` exists;
-    returns ``out_dir``."""
+def default_demo_dir(size: int = 64) -> str:
+    """Where the demo scene of ``size x size`` views lives when no folder is given: the user
+    cache, ``$KILONERF_LBFGS_CACHE`` or else ``$XDG_CACHE_HOME/kilonerf_lbfgs`` (default
+    ``~/.cache/kilonerf_lbfgs``), sub-folder ``demo_scene_{size}``. It does not depend on the
+    working folder or on where the package is installed."""
+    root = os.environ.get("KILONERF_LBFGS_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "kilonerf_lbfgs")
+    return os.path.join(root, f"demo_scene_{int(size)}")
+
+
+def ensure_demo_scene(out_dir: Optional[str] = None, size: int = 64, **kw) -> str:
+    """``generate_demo_scene(out_dir, size, **kw)`` unless ``out_dir/transforms_train.json``
+    exists; returns ``out_dir`` (None: :func:`default_demo_dir` of ``size``)."""
+    out_dir = default_demo_dir(size) if out_dir is None else out_dir
     if not os.path.isfile(os.path.join(out_dir, "transforms_train.json")):
-        generate_demo_scene(out_dir, **kw)
+        generate_demo_scene(out_dir, size=size, **kw)
     return out_dir

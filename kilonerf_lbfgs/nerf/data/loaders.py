@@ -19,8 +19,9 @@ Both formats: RGBA images are composited on ``background`` (white by default), t
 by area averaging when ``downsample`` or ``img_wh`` asks for another size; optional ``near``,
 ``far`` and ``aabb`` (``[[x0, y0, z0], [x1, y1, z1]]``) or ``aabb_scale`` (instant-ngp: a box of
 half-size ``1.5 * aabb_scale``) keys override near 2, far 6 and the box ``[-1.5, 1.5]^3``.
-Every problem with the input raises :class:`~kilonerf_lbfgs.io.UserError` with one line that
-names the file and what to do.
+Every problem with the input raises ``FileNotFoundError`` (a missing folder, transforms file
+or image) or ``ValueError`` (bad content or arguments) with one line that names the file and
+what to do.
 """
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ...io import UserError
+from ...images import read_image, resize_area
 
 SPLITS = ("train", "val", "test")
 NGP_TEST_STRIDE = 8          # instant-ngp transforms.json: test/val = every 8th frame
 DEFAULT_NEAR, DEFAULT_FAR = 2.0, 6.0
 DEFAULT_BOX = ((-1.5, -1.5, -1.5), (1.5, 1.5, 1.5))
 DATA_HINT = ("get the NeRF-synthetic dataset (e.g. nerf_synthetic/lego from the original NeRF "
-             "release) and pass its scene folder with --datadir")
+             "release) and point at its scene folder")
 
 Box = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
 
@@ -79,15 +80,15 @@ def _read_json(path: str) -> dict:
         with open(path, "r", encoding="utf-8") as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-export or re-download it") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); re-export or re-download it") from e
     except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror}); check its permissions") from e
+        raise ValueError(f"{path} cannot be read ({e.strerror}); check its permissions") from e
     if not isinstance(meta, dict):
-        raise UserError(f"{path} must hold a JSON object with \"frames\"; it holds a "
+        raise ValueError(f"{path} must hold a JSON object with \"frames\"; it holds a "
                         f"{type(meta).__name__}")
     frames = meta.get("frames")
     if not isinstance(frames, list):
-        raise UserError(f"{path} lacks a \"frames\" list; it is not a NeRF transforms file")
+        raise ValueError(f"{path} lacks a \"frames\" list; it is not a NeRF transforms file")
     return meta
 
 
@@ -100,14 +101,14 @@ def _number(meta: dict, key: str, path: str, where: str = "") -> Optional[float]
     except (TypeError, ValueError):
         v = float("nan")
     if not math.isfinite(v):
-        raise UserError(f"{path}: {where}\"{key}\" must be a finite number, got {meta[key]!r}")
+        raise ValueError(f"{path}: {where}\"{key}\" must be a finite number, got {meta[key]!r}")
     return v
 
 
 def _pose(frame: dict, path: str, i: int) -> np.ndarray:
     """``[4, 4]`` float64 camera-to-world matrix of frame ``i`` (``3 x 4`` is completed)."""
     if "transform_matrix" not in frame:
-        raise UserError(f"{path}: frame {i} lacks \"transform_matrix\"; every frame needs its "
+        raise ValueError(f"{path}: frame {i} lacks \"transform_matrix\"; every frame needs its "
                         f"camera-to-world matrix")
     try:
         m = np.asarray(frame["transform_matrix"], dtype=np.float64)
@@ -116,7 +117,7 @@ def _pose(frame: dict, path: str, i: int) -> np.ndarray:
     if m.shape == (3, 4):
         m = np.concatenate([m, [[0.0, 0.0, 0.0, 1.0]]], 0)
     if m.shape != (4, 4) or not np.isfinite(m).all():
-        raise UserError(f"{path}: frame {i} \"transform_matrix\" must be a finite 4x4 (or 3x4) "
+        raise ValueError(f"{path}: frame {i} \"transform_matrix\" must be a finite 4x4 (or 3x4) "
                         f"matrix, got shape {m.shape}")
     return m
 
@@ -125,7 +126,7 @@ def _image_path(datadir: str, frame: dict, path: str, i: int) -> str:
     """Where frame ``i``'s image should be (``.png`` added to a path without extension)."""
     rel = frame.get("file_path")
     if not isinstance(rel, str) or not rel:
-        raise UserError(f"{path}: frame {i} lacks a \"file_path\" string naming its image")
+        raise ValueError(f"{path}: frame {i} lacks a \"file_path\" string naming its image")
     full = os.path.normpath(os.path.join(datadir, rel))
     if os.path.splitext(full)[1] == "" or (not os.path.isfile(full)
                                            and os.path.isfile(full + ".png")):
@@ -133,57 +134,18 @@ def _image_path(datadir: str, frame: dict, path: str, i: int) -> str:
     return full
 
 
-def _read_image(path: str, background: Sequence[float]) -> np.ndarray:
-    """``[H, W, 3]`` float32 in [0, 1]; alpha composited on ``background``."""
-    import cv2
-
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise UserError(f"image {path} cannot be read; use PNG or JPEG files")
-    if np.issubdtype(img.dtype, np.integer):
-        img = img.astype(np.float32) / float(np.iinfo(img.dtype).max)
-    else:
-        img = img.astype(np.float32)
-    if img.ndim == 2:
-        img = img[..., None]
-    c = img.shape[2]
-    if c in (3, 4):
-        img = img[..., [2, 1, 0] + ([3] if c == 4 else [])]   # OpenCV's BGR(A) -> RGB(A)
-    if c in (2, 4):
-        alpha = img[..., -1:]
-        bg = np.asarray(background, dtype=np.float32).reshape(1, 1, 3)
-        colour = img[..., :-1]
-        if colour.shape[2] == 1:
-            colour = np.repeat(colour, 3, axis=2)
-        img = colour * alpha + bg * (1.0 - alpha)
-    elif c == 1:
-        img = np.repeat(img, 3, axis=2)
-    elif c != 3:
-        raise UserError(f"image {path} has {c} channels; expected gray, RGB or RGBA")
-    return np.clip(img, 0.0, 1.0)
-
-
 def _target_size(W0: int, H0: int, downsample: int,
                  img_wh: Optional[Tuple[int, int]], where: str) -> Tuple[int, int]:
     if img_wh is not None:
         W, H = int(img_wh[0]), int(img_wh[1])
         if W < 1 or H < 1:
-            raise UserError(f"--img_wh {W} {H}: width and height must be positive")
+            raise ValueError(f"img_wh {W} {H}: width and height must be positive")
         return W, H
     W, H = W0 // downsample, H0 // downsample
     if W < 1 or H < 1:
-        raise UserError(f"--downsample {downsample} is too large for the {W0}x{H0} images of "
+        raise ValueError(f"downsample {downsample} is too large for the {W0}x{H0} images of "
                         f"{where}")
     return W, H
-
-
-def _resize(img: np.ndarray, W: int, H: int) -> np.ndarray:
-    """Area resampling (each output pixel is the mean of the input area it covers)."""
-    if img.shape[1] == W and img.shape[0] == H:
-        return img
-    import cv2
-
-    return cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA)
 
 
 def _scene_box(meta: dict, path: str) -> Box:
@@ -193,13 +155,13 @@ def _scene_box(meta: dict, path: str) -> Box:
         except (TypeError, ValueError):
             box = np.zeros((0,))
         if box.shape != (2, 3) or not np.isfinite(box).all() or not (box[1] > box[0]).all():
-            raise UserError(f"{path}: \"aabb\" must be [[x0, y0, z0], [x1, y1, z1]] with "
+            raise ValueError(f"{path}: \"aabb\" must be [[x0, y0, z0], [x1, y1, z1]] with "
                             f"x1 > x0, y1 > y0, z1 > z0")
         return tuple(map(float, box[0])), tuple(map(float, box[1]))  # type: ignore[return-value]
     scale = _number(meta, "aabb_scale", path)
     if scale is not None:
         if scale <= 0:
-            raise UserError(f"{path}: \"aabb_scale\" must be positive, got {scale}")
+            raise ValueError(f"{path}: \"aabb_scale\" must be positive, got {scale}")
         h = 1.5 * scale
         return (-h, -h, -h), (h, h, h)
     return DEFAULT_BOX
@@ -213,15 +175,15 @@ def _near_far(meta: dict, path: str) -> Tuple[float, float]:
     near = DEFAULT_NEAR if near is None else near
     far = DEFAULT_FAR if far is None else far
     if not 0.0 <= near < far:
-        raise UserError(f"{path}: near ({near}) and far ({far}) must satisfy 0 <= near < far")
+        raise ValueError(f"{path}: near ({near}) and far ({far}) must satisfy 0 <= near < far")
     return near, far
 
 
 def _check_options(downsample: int, every: int) -> None:
     if int(downsample) != downsample or downsample < 1:
-        raise UserError(f"--downsample must be a positive integer, got {downsample}")
+        raise ValueError(f"downsample must be a positive integer, got {downsample}")
     if int(every) != every or every < 1:
-        raise UserError(f"--test_every must be a positive integer, got {every}")
+        raise ValueError(f"test_every must be a positive integer, got {every}")
 
 
 # ------------------------------------------------------------------------------ the formats
@@ -230,10 +192,10 @@ def _blender_frames(datadir: str, path: str, meta: dict):
     """Per frame: ``(image path, pose [4,4], intrinsics fn (W0, H0) -> (fx, fy, cx, cy))``."""
     angle = _number(meta, "camera_angle_x", path)
     if angle is None:
-        raise UserError(f"{path} lacks \"camera_angle_x\" (the horizontal field of view in "
+        raise ValueError(f"{path} lacks \"camera_angle_x\" (the horizontal field of view in "
                         f"radians) needed for the focal length")
     if not 0.0 < angle < math.pi:
-        raise UserError(f"{path}: \"camera_angle_x\" must be in (0, pi) radians, got {angle}")
+        raise ValueError(f"{path}: \"camera_angle_x\" must be in (0, pi) radians, got {angle}")
 
     def intr(W0: int, H0: int) -> Tuple[float, float, float, float]:
         f = 0.5 * W0 / math.tan(0.5 * angle)
@@ -242,10 +204,10 @@ def _blender_frames(datadir: str, path: str, meta: dict):
     out = []
     for i, fr in enumerate(meta["frames"]):
         if not isinstance(fr, dict):
-            raise UserError(f"{path}: frame {i} is not a JSON object")
+            raise ValueError(f"{path}: frame {i} is not a JSON object")
         img = _image_path(datadir, fr, path, i)
         if not os.path.isfile(img):
-            raise UserError(f"{path}: frame {i}'s image {img} does not exist; restore the "
+            raise FileNotFoundError(f"{path}: frame {i}'s image {img} does not exist; restore the "
                             f"image or remove the frame")
         out.append((img, _pose(fr, path, i), intr))
     return out, 0
@@ -259,7 +221,7 @@ def _ngp_frames(datadir: str, path: str, meta: dict, split: str):
         if i % stride:
             continue
         if not isinstance(fr, dict):
-            raise UserError(f"{path}: frame {i} is not a JSON object")
+            raise ValueError(f"{path}: frame {i} is not a JSON object")
         img = _image_path(datadir, fr, path, i)
         if not os.path.isfile(img):
             missing += 1
@@ -270,7 +232,7 @@ def _ngp_frames(datadir: str, path: str, meta: dict, split: str):
             vals[key] = _number(meta, key, path) if v is None else v
         if vals["fl_x"] is None and vals["fl_y"] is None and vals["camera_angle_x"] is None \
                 and vals["camera_angle_y"] is None:
-            raise UserError(f"{path} gives no focal length for frame {i}: add \"fl_x\" (pixels) "
+            raise ValueError(f"{path} gives no focal length for frame {i}: add \"fl_x\" (pixels) "
                             f"or \"camera_angle_x\" (radians), globally or per frame")
 
         def intr(W0: int, H0: int, v=dict(vals)) -> Tuple[float, float, float, float]:
@@ -296,19 +258,19 @@ def _ngp_frames(datadir: str, path: str, meta: dict, split: str):
 
 def transforms_file(datadir: str, split: str) -> Tuple[str, str]:
     """``(path, format)`` of the transforms file for ``split``; format is ``"blender"`` or
-    ``"ngp"``. Raises :class:`UserError` when the folder or the file is missing."""
+    ``"ngp"``. Raises ``FileNotFoundError`` when the folder or the file is missing."""
     if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if not os.path.isdir(datadir):
-        raise UserError(f"data folder {datadir} does not exist; {DATA_HINT}")
+        raise FileNotFoundError(f"data folder {datadir} does not exist; {DATA_HINT}")
     path = os.path.join(datadir, f"transforms_{split}.json")
     if os.path.isfile(path):
         return path, "blender"
     ngp = os.path.join(datadir, "transforms.json")
     if os.path.isfile(ngp):
         return ngp, "ngp"
-    raise UserError(f"{path} does not exist (nor {ngp}); --datadir must point at a scene folder "
-                    f"holding transforms_{split}.json, e.g. nerf_synthetic/lego")
+    raise FileNotFoundError(f"{path} does not exist (nor {ngp}); the data folder must be a scene "
+                    f"folder holding transforms_{split}.json, e.g. nerf_synthetic/lego")
 
 
 def load_split(datadir: str, split: str, downsample: int = 1,
@@ -328,7 +290,7 @@ def load_split(datadir: str, split: str, downsample: int = 1,
     """
     _check_options(downsample, every)
     if len(tuple(background)) != 3:
-        raise UserError(f"background must be an RGB triple, got {background!r}")
+        raise ValueError(f"background must be an RGB triple, got {background!r}")
     path, fmt = transforms_file(datadir, split)
     meta = _read_json(path)
     if fmt == "blender":
@@ -340,25 +302,25 @@ def load_split(datadir: str, split: str, downsample: int = 1,
                       f"is missing", stacklevel=2)
     frames = frames[::every]
     if not frames:
-        raise UserError(f"{path} has no usable frames for split {split!r}; it needs frames "
+        raise ValueError(f"{path} has no usable frames for split {split!r}; it needs frames "
                         f"whose image files exist")
 
     images, poses, intrinsics, paths = [], [], [], []
     first: Optional[Tuple[str, int, int]] = None
     W = H = 0
     for img_path, pose, intr in frames:
-        img = _read_image(img_path, background)
+        img = read_image(img_path, background, rgb=True)
         H0, W0 = img.shape[:2]
         if first is None:
             first = (img_path, W0, H0)
             W, H = _target_size(W0, H0, downsample, img_wh, path)
         elif (W0, H0) != first[1:]:
-            raise UserError(f"image {img_path} is {W0}x{H0} but {first[0]} is "
+            raise ValueError(f"image {img_path} is {W0}x{H0} but {first[0]} is "
                             f"{first[1]}x{first[2]}; every image of a scene must have one size")
         fx, fy, cx, cy = intr(W0, H0)
         sx, sy = W / W0, H / H0
         intrinsics.append((fx * sx, fy * sy, cx * sx, cy * sy))
-        images.append(_resize(img, W, H))
+        images.append(resize_area(img, W, H))
         poses.append(pose)
         paths.append(img_path)
     near, far = _near_far(meta, path)

@@ -64,23 +64,6 @@ def camera_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int
     return origins, dirs
 
 
-def rays_at_pixels(poses: torch.Tensor, intrinsics: torch.Tensor, image: torch.Tensor,
-                   row: torch.Tensor, col: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rays through chosen pixel centres (random ray batches), the same rays as ``camera_rays``.
-
-    Args:
-        poses: ``[N, 4, 4]``; intrinsics: ``[N, 4]``.
-        image, row, col: ``[M]`` long indices (camera, pixel row, pixel column).
-
-    Returns:
-        ``(origins, directions)``, each ``[M, 3]``.
-    """
-    P, K = poses[image], intrinsics[image].to(poses.dtype)
-    dirs = _directions(P, K, col.to(P.dtype) + 0.5, row.to(P.dtype) + 0.5)
-    return P[:, :3, 3].expand_as(dirs), dirs
-
-
 def look_at(eye: Sequence[float], center: Sequence[float] = (0.0, 0.0, 0.0),
             up: Sequence[float] = (0.0, 0.0, 1.0), dtype=torch.float32) -> torch.Tensor:
     """``[4, 4]`` camera-to-world pose at ``eye`` whose ``-z`` axis points at ``center`` and

@@ -70,10 +70,6 @@ class OccupancyGrid(nn.Module):
     def _res_tensor(self, device) -> Tensor:
         return torch.tensor(self.resolution, device=device)
 
-    def voxel_size(self) -> Tensor:
-        """``[3]`` edge lengths of one voxel."""
-        return (self.aabb[3:] - self.aabb[:3]) / self._res_tensor(self.aabb.device)
-
     def voxel_index(self, x: Tensor) -> Tensor:
         """``x [M, 3]`` -> integer voxel coordinates ``[M, 3]`` (long), clamped into the grid
         (points on the upper faces belong to the last voxel; use :meth:`inside` for the box)."""
