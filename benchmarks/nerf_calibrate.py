@@ -17,12 +17,12 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from benchmarks.nerf_distill import DistillSetup
 from kilonerf_lbfgs.fitting import FitConfig, fit
 from kilonerf_lbfgs.io import load_checkpoint
 from kilonerf_lbfgs.nerf.evaluate import evaluate
 from kilonerf_lbfgs.nerf.train.photometric import (LoopState, PhotometricConfig,
                                                    make_photometric_optimizer, train_photometric)
-from benchmarks.nerf_distill import DistillSetup
 
 
 def distill_snapshots(setup: DistillSetup, levels: Sequence[float], max_seconds: float,

@@ -22,11 +22,11 @@ from kilonerf_lbfgs.fitting import FitConfig
 from kilonerf_lbfgs.grid import CellGrid
 from kilonerf_lbfgs.io import load_checkpoint, save_checkpoint
 from kilonerf_lbfgs.nerf.data.loaders import load_dataset
-from kilonerf_lbfgs.nerf.train.distill import DistillProblem, collect_distill_samples
+from kilonerf_lbfgs.nerf.data.rays import RayBank
 from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
 from kilonerf_lbfgs.nerf.render.marcher import Marcher
+from kilonerf_lbfgs.nerf.train.distill import DistillProblem, collect_distill_samples
 from kilonerf_lbfgs.nerf.train.photometric import LoopState, PhotometricConfig, train_photometric
-from kilonerf_lbfgs.nerf.data.rays import RayBank
 from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, new_teacher, teacher_lr
 
 LEGO_BOX = [-0.7, -1.25, -0.4, 0.7, 1.25, 1.05]
@@ -36,7 +36,7 @@ NERF_DISTILL_PRESETS = {
     # History 20 for both L-BFGS contenders: ~3000 cells x 3475 parameters make m = 100 an
     # 8 GB history (3.7 s per evaluation here); m = 20 is 1.6 GB. omega_0 10 as in
     # configs/lego.txt (the field the pipeline trains). The targets are a distill_psnr
-    # ladder; scripts/calibrate_distill_target.py adds the calibrated one (see README).
+    # ladder; scripts/calibrate_distill_target.py adds the calibrated one (benchmarks/nerf_calibrate.py).
     "lego": dict(downsample=4, aabb=LEGO_BOX, grid_res=16, occ_res=64, omega_0=10.0,
                  teacher_seconds=600.0, history_size=20,
                  distill_rays=65536, max_per_cell=512, targets=(12.0, 15.0, 18.0),

@@ -19,13 +19,13 @@ import tempfile
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
-from benchmarks.race import _summarise, ratio_cells, results_table
-from kilonerf_lbfgs.io import UserError
-from kilonerf_lbfgs.nerf.data.loaders import load_dataset
-from kilonerf_lbfgs.nerf.evaluate import evaluate
-from kilonerf_lbfgs.nerf.data.rays import RayBank
-from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline
 from benchmarks.nerf_distill import LEGO_BOX
+from benchmarks.race import ratio_cells, results_table, summarise
+from kilonerf_lbfgs.config import UserError
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.evaluate import evaluate
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline
 
 OURS = "distill_batched_lbfgs"
 
@@ -90,7 +90,7 @@ def run_pipeline_race(datadir: str, spec: Dict, seeds: Sequence[int],
     for name in names:
         runs = [run_contender(name, replace(base, seed=seed, **CONTENDERS[name]), bank, test,
                               spec["probe_every"], log) for seed in seeds]
-        results[name] = _summarise(name, runs, targets)
+        results[name] = summarise(name, runs, targets)
         results[name]["options"] = CONTENDERS[name]
     return {"targets": list(targets), "seeds": list(seeds), "quality_name": "test_psnr",
             "budget_seconds": budget, "probe_every": spec["probe_every"],

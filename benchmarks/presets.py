@@ -1,4 +1,4 @@
-"""The races the README reports, as data: which signal, grid, network, targets, budget.
+"""The published races, as data: which signal, grid, network, targets, budget.
 
 ``MODALITIES`` maps a modality to its race builder
 ``build(preset, quick, seeds, budget=None, data=None) -> Race`` (``data``: a path that
@@ -12,11 +12,12 @@ import os
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from benchmarks.race import Race
-from kilonerf_lbfgs.config import REPO_ROOT
-from kilonerf_lbfgs.io import UserError
+from kilonerf_lbfgs.config import UserError
 from kilonerf_lbfgs.multinet import MultiMLP
 from kilonerf_lbfgs.signals.image import ImageProblem, center_crop, load_image
 
+# the shared data sit beside the repository: ../shared/data
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 IMAGE_PRESETS = {
@@ -48,7 +49,7 @@ SHAPE_PRESETS = {
     # armadillo occupancy, 4x4x4 cells, sine 3x32 (omega_0 10); IoU on held-out uniform points.
     # 400k training points: ~2.7 per network parameter. With 50k (0.34 per parameter) L-BFGS
     # fitted the training points and generalised worse than Adam (IoU 0.75 vs 0.84 at 30 s);
-    # more points shrink that gap but do not close it: see the README
+    # more points shrink that gap but do not close it (scripts/benchmark_shape_generalisation.py)
     "armadillo": dict(mesh=os.path.join(SHARED_DATA, "meshes", "armadillo.obj"),
                       target="occupancy", grid=(4, 4, 4), points=400_000, eval_points=50_000,
                       width=32, depth=3, omega_0=10.0, targets=(0.9, 0.95, 0.97), budget=90.0,
@@ -70,14 +71,17 @@ def _image_model_factory(n_cells: int, channels: int, width: int = 32, depth: in
     return _model_factory(n_cells, 2, channels, width, depth, activation)
 
 
-def _spec(presets: Dict, preset: Optional[str], quick: bool) -> Dict:
+def preset_spec(presets: Dict, preset: Optional[str], quick: bool) -> Dict:
+    """A copy of ``presets[preset]`` (default: the first), its ``quick`` overrides applied
+    when ``quick``."""
     spec = dict(presets[preset or next(iter(presets))])
     if quick:
         spec.update(spec["quick"])
     return spec
 
 
-def _data_path(path: str, option: str) -> str:
+def require_data(path: str, option: str) -> str:
+    """``path`` if it exists, else a :class:`UserError` naming the command-line ``option``."""
     if not os.path.exists(path):
         raise UserError(f"{option} {path}: no such file; get the shared data (see "
                         f"../shared/data/README.md) or pass {option} PATH")
@@ -88,7 +92,7 @@ def image_race(preset: str, quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, image: Optional[str] = None) -> Race:
     """The preset's race; ``image`` swaps in another picture (same crop, grid, network,
     targets), to check a result on data the preset was not chosen for."""
-    spec = _spec(IMAGE_PRESETS, preset, quick)
+    spec = preset_spec(IMAGE_PRESETS, preset, quick)
     img = load_image(image or spec["image"])
     if spec["crop"]:
         img = center_crop(img, spec["crop"])
@@ -100,8 +104,8 @@ def image_race(preset: str, quick: bool, seeds: Sequence[int],
 def audio_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, data: Optional[str] = None) -> Race:
     from kilonerf_lbfgs.signals.audio import AudioProblem, load_audio, omega_for_cells
-    spec = _spec(AUDIO_PRESETS, preset, quick)
-    wave, rate = load_audio(_data_path(data or spec["audio"], "--audio"))
+    spec = preset_spec(AUDIO_PRESETS, preset, quick)
+    wave, rate = load_audio(require_data(data or spec["audio"], "--audio"))
     if spec["seconds"]:
         wave = wave[:int(spec["seconds"] * rate)]
     n_cells = max(1, math.ceil(wave.shape[0] / spec["samples_per_cell"]))
@@ -115,8 +119,8 @@ def audio_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
 def video_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, data: Optional[str] = None) -> Race:
     from kilonerf_lbfgs.signals.video import VideoProblem, load_video
-    spec = _spec(VIDEO_PRESETS, preset, quick)
-    clip = load_video(_data_path(data or spec["video"], "--video"), spec["frames"],
+    spec = preset_spec(VIDEO_PRESETS, preset, quick)
+    clip = load_video(require_data(data or spec["video"], "--video"), spec["frames"],
                       spec["resize"])
     problem = VideoProblem(clip, spec["grid"], chunk_cells=64)
     return Race(problem, _model_factory(problem.n_cells, 3, clip.shape[3], spec["width"],
@@ -127,8 +131,8 @@ def video_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
 def shape_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                budget: Optional[float] = None, data: Optional[str] = None) -> Race:
     from kilonerf_lbfgs.signals.shape import load_mesh, make_shape_problem, normalize_mesh
-    spec = _spec(SHAPE_PRESETS, preset, quick)
-    path = _data_path(data or spec["mesh"], "--mesh")
+    spec = preset_spec(SHAPE_PRESETS, preset, quick)
+    path = require_data(data or spec["mesh"], "--mesh")
     mesh = normalize_mesh(load_mesh(path))
     problem = make_shape_problem(mesh, spec["grid"], spec["target"], spec["points"],
                                  spec["eval_points"], source=f"--mesh {path}")
@@ -140,8 +144,8 @@ def shape_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
 def nerf_distill_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
                       budget: Optional[float] = None, data: Optional[str] = None) -> Race:
     from benchmarks.nerf_distill import NERF_DISTILL_PRESETS, build_distill_race
-    spec = _spec(NERF_DISTILL_PRESETS, preset, quick)
-    datadir = _data_path(data or os.path.join(SHARED_DATA, "nerf_synthetic", "lego"),
+    spec = preset_spec(NERF_DISTILL_PRESETS, preset, quick)
+    datadir = require_data(data or os.path.join(SHARED_DATA, "nerf_synthetic", "lego"),
                          "--datadir")
     return build_distill_race(spec, datadir, seeds, budget)
 

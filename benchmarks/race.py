@@ -2,7 +2,8 @@
 
 Every contender trains the same cells, networks, data and initialisation (per seed), one
 after another in one process; only optimiser time counts (closure evaluations included,
-quality read from the losses the optimiser returns). A contender stops once it reaches the
+quality read from the losses the step evaluated; for torch's L-BFGS re-evaluated, untimed, at
+the step's end: see :func:`race_callbacks`). A contender stops once it reaches the
 highest target. Results: seconds to each target per seed, medians over seeds, the quality at
 the end of the budget, and ratios of each rival's median time to ours.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from kilonerf_lbfgs.fitting import CellProblem, FitConfig, fit, first_time_reaching
+from kilonerf_lbfgs.fitting import (Callback, CellProblem, CosineLR, ExactQuality, FitConfig,
+                                    fit, make_optimizer)
 from kilonerf_lbfgs.multinet import MultiMLP
 
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -27,7 +29,11 @@ RIVALS = ("best_adam", "adam_sweep", "adam_lr=0.0001", "adam_lr=0.001",
 
 @dataclass
 class Race:
-    """One race: a problem, a model factory and the rules."""
+    """One race: a problem, a model factory and the rules.
+
+    ``lbfgs``, ``torch_lbfgs`` and ``per_cell_lbfgs`` name the optimiser settings of those
+    contenders (:func:`kilonerf_lbfgs.fitting.make_optimizer` builds them); the budget and
+    target are the race's."""
     problem: CellProblem
     make_model: Callable[[int], MultiMLP]       # seed -> freshly initialised model
     targets: Sequence[float]
@@ -49,11 +55,31 @@ class Race:
     log: Callable[[str], None] = print
 
 
+def first_time_reaching(history: List[List[float]], target: float) -> Optional[float]:
+    """Seconds at which a ``[[seconds, quality], ...]`` history first reaches ``target``."""
+    for s, q in history:
+        if q is not None and q >= target:
+            return s
+    return None
+
+
+def race_callbacks(cfg: FitConfig, budget: float) -> List[Callback]:
+    """The untimed callbacks a contender runs with: Adam's cosine schedule decays over the
+    race's budget; torch.optim.LBFGS's step reports the loss where it began, so its quality
+    is re-evaluated at the step's end (not timed) for an exact history."""
+    callbacks: List[Callback] = []
+    if cfg.lr_schedule == "cosine":
+        callbacks.append(CosineLR(budget, base_lr=cfg.lr or 1e-3))
+    if cfg.optimizer == "torch_lbfgs":
+        callbacks.append(ExactQuality())
+    return callbacks
+
+
 def _run_fit(race: Race, cfg: FitConfig, seed: int) -> Dict:
     model = race.make_model(seed)
-    cfg = replace(cfg, max_seconds=race.budget, target=max(race.targets), progress=False,
-                  ckpt_path=None)
-    res = fit(model, race.problem, cfg)
+    rules = FitConfig(max_seconds=race.budget, target=max(race.targets), progress=False)
+    res = fit(model, race.problem, rules, optimizer=lambda params: make_optimizer(cfg, params),
+              callbacks=race_callbacks(cfg, race.budget))
     return {"history": res.history, "quality": res.quality, "evals": res.function_evals,
             "seconds": res.train_seconds}
 
@@ -81,9 +107,7 @@ def _run_per_cell(race: Race, cfg: FitConfig, seed: int) -> Dict:
             with torch.no_grad():
                 for dst, src in zip(one.parameters(), model.parameters()):
                     dst.copy_(src[c:c + 1])
-        opt = torch.optim.LBFGS(one.parameters(), lr=1.0, history_size=cfg.history_size,
-                                max_iter=cfg.evals_per_step, line_search_fn="strong_wolfe",
-                                tolerance_grad=0.0, tolerance_change=0.0)
+        opt = make_optimizer(cfg, one.parameters())
 
         def closure():
             nonlocal evals
@@ -115,26 +139,26 @@ def _run_per_cell(race: Race, cfg: FitConfig, seed: int) -> Dict:
             "evals": evals, "seconds": elapsed}
 
 
-def _median(values: List[Optional[float]]) -> Optional[float]:
+def median_seconds(values: List[Optional[float]]) -> Optional[float]:
     """Median with misses (None) counted as +inf; None if the median is a miss."""
     vals = [math.inf if v is None else v for v in values]
     m = statistics.median(vals)
     return None if math.isinf(m) else m
 
 
-def _summarise(name: str, runs: List[Dict], targets: Sequence[float]) -> Dict:
+def summarise(name: str, runs: List[Dict], targets: Sequence[float]) -> Dict:
     secs = {str(t): [first_time_reaching(r["history"], t) for r in runs] for t in targets}
     return {"contender": name,
             "n_seeds": len(runs),
             "seconds_to_target": secs,
-            "median_seconds_to_target": {k: _median(v) for k, v in secs.items()},
+            "median_seconds_to_target": {k: median_seconds(v) for k, v in secs.items()},
             "psnr_at_budget": [r["quality"] for r in runs],
             "median_psnr_at_budget": statistics.median(r["quality"] for r in runs),
             "function_evals": [r["evals"] for r in runs],
             "histories": [r["history"] for r in runs]}
 
 
-def _adam_rank_key(entry: Dict, targets: Sequence[float]):
+def adam_rank_key(entry: Dict, targets: Sequence[float]):
     """Higher is better: more targets reached, then sooner at the highest one, then PSNR."""
     med = entry["median_seconds_to_target"]
     reached = [t for t in targets if med[str(t)] is not None]
@@ -143,7 +167,11 @@ def _adam_rank_key(entry: Dict, targets: Sequence[float]):
 
 
 def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
-    """Run every contender over every seed; return the results JSON (see the README)."""
+    """Run every contender over every seed; return the results JSON: ``targets``,
+    ``seeds``, ``adam_sweep_seeds``, ``adam_lrs``, ``quality_name``, ``budget_seconds``,
+    ``results`` (one :func:`summarise` entry per contender), ``rival_median_seconds_to_target``,
+    ``ratios`` (rival median seconds / ours), ``ratio_is_lower_bound``,
+    ``psnr_gain_at_budget`` (see :func:`compare`)."""
     results: Dict[str, Dict] = {}
     wanted = set(contenders) if contenders else None
 
@@ -161,7 +189,7 @@ def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
                      f"{r['seconds']:.1f} s, {r['evals']} evals; to targets " +
                      ", ".join(f"{t}: {_fmt(first_time_reaching(r['history'], t))}"
                                for t in race.targets))
-        results[name] = _summarise(name, runs, race.targets)
+        results[name] = summarise(name, runs, race.targets)
 
     if want("batched_lbfgs"):
         race_one("batched_lbfgs", _run_fit, race.lbfgs)
@@ -170,7 +198,7 @@ def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
         n_sweep = len(race.seeds) if race.sweep_seeds is None else \
             max(1, min(race.sweep_seeds, len(race.seeds)))
         sweep, rest = list(race.seeds[:n_sweep]), list(race.seeds[n_sweep:])
-        rank = lambda names: sorted(names, key=lambda n: _adam_rank_key(
+        rank = lambda names: sorted(names, key=lambda n: adam_rank_key(
             results[n], race.targets), reverse=True)
         for lr in race.adam_lrs:
             name = f"adam_lr={lr:g}"
@@ -196,14 +224,14 @@ def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
         race_one("torch_lbfgs_joint", _run_fit, race.torch_lbfgs)
     if want("torch_lbfgs_per_cell"):
         race_one("torch_lbfgs_per_cell", _run_per_cell, race.per_cell_lbfgs)
-    return _compare(results, adam_names, race)
+    return compare(results, adam_names, race)
 
 
 def _fmt(v):
     return "miss" if v is None else f"{v:.1f}s"
 
 
-def _compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dict:
+def compare(results: Dict[str, Dict], adam_names: List[str], race: Race) -> Dict:
     targets = [str(t) for t in race.targets]
     budget = race.budget
     ours = results.get("batched_lbfgs")

@@ -1,28 +1,31 @@
 #!/usr/bin/env python
 """Race batched per-cell L-BFGS against swept Adam and torch.optim.LBFGS (joint, per cell).
 
-    python scripts/benchmark_optimizers.py --modality image --preset fidelity --out bench/fidelity.json [--quick]
-    python scripts/benchmark_optimizers.py --modality image --study activations --out bench/activations.json
-    python scripts/benchmark_optimizers.py --modality image --study width --out bench/width.json
-    python scripts/benchmark_optimizers.py --modality audio|video|shape [--quick]   # real data
-        (--audio/--video/--mesh PATH replace ../shared/data/{audio/gt_bach.wav,
-         video/bikes.mp4,meshes/armadillo.obj})
+    python scripts/benchmark_optimizers.py --modality image --preset fidelity [--quick]
+    python scripts/benchmark_optimizers.py --modality image --study activations|width
+    python scripts/benchmark_optimizers.py --modality audio|video|shape [--quick]
+    python scripts/benchmark_optimizers.py --modality nerf_distill|nerf [--quick]
+
+Writes bench/<modality>_<preset or study>[_quick].json (or --out PATH) and a PNG of the
+curves beside it. Audio, video, shape and NeRF use ../shared/data (audio/gt_bach.wav,
+video/bikes.mp4, meshes/armadillo.obj, nerf_synthetic/lego); --audio, --video, --mesh and
+--datadir PATH replace them.
 """
 import os
+import sys
+from pathlib import Path
 
 import configargparse
 import torch
 
-import sys
-from pathlib import Path
-
 # the races live beside the library (benchmarks/), not in the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.race import Race, _adam_rank_key, format_tables, run_race
-from benchmarks.presets import MODALITIES, PRESETS, SHARED_DATA, _data_path, study_races
-from kilonerf_lbfgs.config import parse_args, require_positive, run_main
-from kilonerf_lbfgs.io import UserError, plot_convergence, save_json
+from benchmarks.presets import (MODALITIES, PRESETS, SHARED_DATA,  # noqa: E402
+                                preset_spec, require_data, study_races)
+from benchmarks.race import Race, adam_rank_key, format_tables, run_race  # noqa: E402
+from kilonerf_lbfgs.config import UserError, parse_args, require_positive, run_main  # noqa: E402
+from kilonerf_lbfgs.io import plot_convergence, save_json  # noqa: E402
 
 
 def main():
@@ -86,11 +89,9 @@ def main():
     elif args.modality == "nerf":
         from benchmarks.nerf_pipeline import (NERF_PIPELINE_PRESETS, format_pipeline_tables,
                                               run_pipeline_race)
-        spec = dict(NERF_PIPELINE_PRESETS[preset])
-        if args.quick:
-            spec.update(spec["quick"])
-        datadir = _data_path(args.datadir or os.path.join(SHARED_DATA, "nerf_synthetic",
-                                                          "lego"), "--datadir")
+        spec = preset_spec(NERF_PIPELINE_PRESETS, preset, args.quick)
+        datadir = require_data(args.datadir or os.path.join(SHARED_DATA, "nerf_synthetic",
+                                                            "lego"), "--datadir")
         print(f"== nerf {preset}{' (quick)' if args.quick else ''}: budget "
               f"{args.budget or spec['budget']:.0f} s per run, seeds {seeds}, test PSNR "
               f"targets {list(spec['targets'])}, a test probe every {spec['probe_every']:.0f} s")
@@ -115,7 +116,7 @@ def main():
             apply_calibration(race, meta, os.path.join(
                 "bench", f"nerf_distill_calibration{'_quick' if args.quick else ''}.json"))
         print(f"== {args.modality} {preset}{' (quick)' if args.quick else ''}: "
-              f"budget {race.budget:.0f} s, seeds {seeds}, targets {list(race.targets)}")
+              f"budget {race.budget:g} s, seeds {seeds}, targets {list(race.targets)}")
         report = {**meta, "preset": preset, "data": data,
                   **({"image": args.image} if args.modality == "image" else {}),
                   **run_race(race, args.contenders)}
@@ -133,7 +134,7 @@ def _best_adam(report):
     adams = [e for e in report["results"] if e["contender"].startswith("adam")]
     if not adams:
         return None
-    return max(adams, key=lambda e: _adam_rank_key(e, report["targets"]))["contender"]
+    return max(adams, key=lambda e: adam_rank_key(e, report["targets"]))["contender"]
 
 
 def study_table(report):

@@ -4,23 +4,23 @@ counts): batched L-BFGS and Adam at one rate, the same budget each, one seed.
 
     python scripts/benchmark_shape_generalisation.py [--mesh PATH] [--adam_lr 3e-3]
 
-Writes bench/shape_generalisation.json and prints one line per run.
+Uses ../shared/data/meshes/armadillo.obj unless --mesh is given; writes
+bench/shape_generalisation.json (or --out PATH) and prints one line per run.
 """
 import os
+import sys
+from pathlib import Path
 
 import configargparse
 import torch
 
-import sys
-from pathlib import Path
-
 # the races live beside the library (benchmarks/), not in the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.presets import shape_race
-from kilonerf_lbfgs.config import parse_args, run_main
-from kilonerf_lbfgs.fitting import FitConfig, fit
-from kilonerf_lbfgs.io import save_json
+from benchmarks.presets import shape_race  # noqa: E402
+from kilonerf_lbfgs.config import parse_args, run_main  # noqa: E402
+from kilonerf_lbfgs.fitting import FitConfig, fit  # noqa: E402
+from kilonerf_lbfgs.io import save_json  # noqa: E402
 
 
 def main():

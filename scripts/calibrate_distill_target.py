@@ -2,26 +2,27 @@
 """Calibrate the distillation race's target: the distill_psnr at which the fine-tuned
 field loses at most --tolerance_db of test PSNR (see benchmarks/nerf_calibrate.py).
 
-    python scripts/calibrate_distill_target.py [--quick] [--datadir ../shared/data/nerf_synthetic/lego]
+    python scripts/calibrate_distill_target.py [--quick] [--datadir PATH]
 
-Uses the nerf_distill preset's teacher (cached in bench/), cells and samples; writes
-bench/nerf_distill_calibration[_quick].json.
+Uses the nerf_distill preset's teacher (cached in bench/), cells and samples, on
+../shared/data/nerf_synthetic/lego unless --datadir is given; writes
+bench/nerf_distill_calibration[_quick].json (or --out PATH), which
+``scripts/benchmark_optimizers.py --modality nerf_distill`` then reads.
 """
 import os
-
-import configargparse
-
 import sys
 from pathlib import Path
+
+import configargparse
 
 # the races live beside the library (benchmarks/), not in the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.presets import SHARED_DATA
-from kilonerf_lbfgs.config import parse_args, run_main
-from kilonerf_lbfgs.io import UserError, save_json
-from benchmarks.nerf_calibrate import calibrate_distill_target
-from benchmarks.nerf_distill import NERF_DISTILL_PRESETS, prepare_distillation
+from benchmarks.nerf_calibrate import calibrate_distill_target  # noqa: E402
+from benchmarks.nerf_distill import NERF_DISTILL_PRESETS, prepare_distillation  # noqa: E402
+from benchmarks.presets import SHARED_DATA, preset_spec, require_data  # noqa: E402
+from kilonerf_lbfgs.config import parse_args, run_main  # noqa: E402
+from kilonerf_lbfgs.io import save_json  # noqa: E402
 
 
 def main():
@@ -38,12 +39,8 @@ def main():
     p.add_argument("--tolerance_db", type=float, default=0.5)
     p.add_argument("--out", default=None)
     args = parse_args(p)
-    if not os.path.isdir(args.datadir):
-        raise UserError(f"--datadir {args.datadir}: no such folder; get the shared data (see "
-                        f"../shared/data/README.md) or pass --datadir PATH")
-    spec = dict(NERF_DISTILL_PRESETS[args.preset])
-    if args.quick:
-        spec.update(spec["quick"])
+    require_data(args.datadir, "--datadir")
+    spec = preset_spec(NERF_DISTILL_PRESETS, args.preset, args.quick)
     setup = prepare_distillation(spec, args.datadir, test_every=args.test_every)
     report = calibrate_distill_target(setup, args.levels, args.max_seconds,
                                       spec["history_size"], args.finetune_steps,

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import torch
 
-from benchmarks.race import Race, _compare, _median, _summarise, format_tables, run_race
+from benchmarks.race import (Race, compare, first_time_reaching, format_tables, median_seconds,
+                             run_race, summarise)
 from kilonerf_lbfgs.multinet import MultiMLP
 from kilonerf_lbfgs.signals.image import ImageProblem
 
@@ -15,23 +16,30 @@ def _run(times_to_quality, final):
     return {"history": hist, "quality": final, "evals": 10, "seconds": 1.0}
 
 
+def test_first_time_reaching():
+    hist = [[0.5, 10.0], [1.0, 19.0], [2.0, 21.0], [3.0, 20.5]]
+    assert first_time_reaching(hist, 20.0) == 2.0
+    assert first_time_reaching(hist, 10.0) == 0.5
+    assert first_time_reaching(hist, 22.0) is None
+
+
 def test_median_counts_misses_as_infinite():
-    assert _median([1.0, 2.0, 3.0]) == 2.0
-    assert _median([1.0, None, 3.0]) == 3.0
-    assert _median([1.0, None, None]) is None
+    assert median_seconds([1.0, 2.0, 3.0]) == 2.0
+    assert median_seconds([1.0, None, 3.0]) == 3.0
+    assert median_seconds([1.0, None, None]) is None
 
 
 def test_ratios_best_adam_sweep_and_lower_bounds():
     targets = (10, 20)
     budget = 100.0
     res = {
-        "batched_lbfgs": _summarise("batched_lbfgs", [_run({10: 2.0, 20: 5.0}, 25.0)], targets),
-        "adam_lr=0.0001": _summarise("adam_lr=0.0001", [_run({10: 50.0}, 15.0)], targets),
-        "adam_lr=0.001": _summarise("adam_lr=0.001", [_run({10: 4.0, 20: 20.0}, 22.0)], targets),
-        "torch_lbfgs_joint": _summarise("torch_lbfgs_joint", [_run({10: 8.0}, 12.0)], targets),
+        "batched_lbfgs": summarise("batched_lbfgs", [_run({10: 2.0, 20: 5.0}, 25.0)], targets),
+        "adam_lr=0.0001": summarise("adam_lr=0.0001", [_run({10: 50.0}, 15.0)], targets),
+        "adam_lr=0.001": summarise("adam_lr=0.001", [_run({10: 4.0, 20: 20.0}, 22.0)], targets),
+        "torch_lbfgs_joint": summarise("torch_lbfgs_joint", [_run({10: 8.0}, 12.0)], targets),
     }
     race = Race(problem=None, make_model=None, targets=targets, budget=budget, seeds=[0])
-    rep = _compare(res, ["adam_lr=0.0001", "adam_lr=0.001"], race)
+    rep = compare(res, ["adam_lr=0.0001", "adam_lr=0.001"], race)
     r10, r20 = rep["ratios"]["10"], rep["ratios"]["20"]
     assert r10["best_adam"] == 4.0 / 2.0
     assert r10["adam_sweep"] == (50.0 + 4.0) / 2.0
@@ -59,7 +67,14 @@ def test_tiny_race_runs_every_contender():
     assert sum(n.startswith("adam_lr=") for n in names) == 5
     assert sum(n.startswith("adam_cos_lr=") for n in names) == 2
     assert {"torch_lbfgs_joint", "torch_lbfgs_per_cell"} <= set(names)
+    # the JSON schema the published results rely on
+    assert set(rep) == {"targets", "seeds", "adam_sweep_seeds", "adam_lrs", "quality_name",
+                        "budget_seconds", "results", "rival_median_seconds_to_target",
+                        "ratios", "ratio_is_lower_bound", "psnr_gain_at_budget"}
     for r in rep["results"]:
+        assert set(r) == {"contender", "n_seeds", "seconds_to_target",
+                          "median_seconds_to_target", "psnr_at_budget",
+                          "median_psnr_at_budget", "function_evals", "histories"}
         assert math.isfinite(r["median_psnr_at_budget"])
         for h in r["histories"]:
             secs = [s for s, _ in h]

@@ -1,12 +1,15 @@
 """Calibrating the distillation target: stopping at levels does not change the run, and the
 target is the lowest level within the tolerance of the best fine-tuned test PSNR."""
+import json
+
 import pytest
 import torch
 
-from kilonerf_lbfgs.fitting import FitConfig, fit
 from benchmarks.nerf_calibrate import distill_snapshots, finetune_and_test, pick_target
+from benchmarks.nerf_distill import apply_calibration, prepare_distillation
+from benchmarks.race import Race
+from kilonerf_lbfgs.fitting import FitConfig, fit
 from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
-from benchmarks.nerf_distill import prepare_distillation
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,6 @@ def test_pick_target():
 
 
 def test_race_takes_the_calibrated_target(tmp_path):
-    import json
-    from benchmarks.race import Race
-    from benchmarks.nerf_distill import apply_calibration
     race = Race(None, None, targets=(12.0, 15.0), budget=1.0, seeds=[0])
     meta = {}
     apply_calibration(race, meta, str(tmp_path / "missing.json"))

@@ -2,13 +2,14 @@
 import pytest
 import torch
 
-from kilonerf_lbfgs.io import UserError
-from kilonerf_lbfgs.nerf.data.loaders import load_dataset
-from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
-from kilonerf_lbfgs.nerf.data.rays import RayBank
-from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline
 from benchmarks.nerf_pipeline import (OURS, format_pipeline_tables, ratios_to_ours, run_contender,
                                       run_pipeline_race)
+from kilonerf_lbfgs.config import UserError
+from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.evaluate import evaluate
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline
 
 BOX = [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
 SMALL = dict(aabb=BOX, grid_res=4, occ_res=32, batch_rays=512, width=8, depth=2,
@@ -38,7 +39,6 @@ def test_probes_do_not_change_training(scene, tmp_path):
         pipe = NerfPipeline(opts, bank, "cpu", str(tmp_path / f"c{with_probe}.pt"))
         seen = []
         if with_probe:
-            from kilonerf_lbfgs.nerf.evaluate import evaluate
             pipe.probe = lambda f, s: seen.append(
                 (s, evaluate(f, pipe.marcher, test, pipe.rs, progress=False)["test_psnr"]))
             pipe.probe_every = 0.0            # after every step

@@ -1,0 +1,151 @@
+"""The fit loop's optimiser and callback interface: explicit optimisers and factories,
+callbacks at every step, schedules, exact probes and stops; all bounded by steps, not time."""
+import numpy as np
+import pytest
+import torch
+
+from kilonerf_lbfgs.fitting import (Callback, CosineLR, ExactQuality, FitConfig, FitResult,
+                                    FitState, fit, make_optimizer, wants_per_cell_losses)
+from kilonerf_lbfgs.multinet import MultiMLP
+from kilonerf_lbfgs.optim import BatchedLBFGS
+from kilonerf_lbfgs.signals.image import ImageProblem
+
+LOOP = dict(max_seconds=600.0, progress=False)
+
+
+def problem_and_model(seed=0, channels=1):
+    rng = np.random.default_rng(seed)
+    r, q = np.meshgrid(np.linspace(0, 1, 16), np.linspace(0, 1, 16), indexing="ij")
+    img = np.stack([0.5 + 0.4 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * r + q))
+                    for _ in range(channels)], -1).astype(np.float32)
+    problem = ImageProblem(img, (2, 2))
+    model = MultiMLP(problem.n_cells, 2, channels, 16, 2,
+                     generator=torch.Generator().manual_seed(seed))
+    return problem, model
+
+
+class Recorder(Callback):
+    """Records every hook; stops the fit after ``n`` steps."""
+
+    def __init__(self, n):
+        self.n, self.calls, self.steps, self.qualities = n, [], [], []
+
+    def on_fit_begin(self, state):
+        self.calls.append("begin")
+
+    def on_step_begin(self, state):
+        self.calls.append("step_begin")
+
+    def on_step_end(self, state):
+        self.calls.append("step_end")
+        self.steps.append(state.result.steps)
+        self.qualities.append(state.quality)
+        assert state.losses.shape == (state.problem.n_cells,)
+        if state.result.steps >= self.n:
+            state.stop = "enough"
+
+    def on_fit_end(self, state):
+        self.calls.append("end")
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam", "torch_lbfgs"])
+def test_callback_sees_every_step(optimizer):
+    problem, model = problem_and_model()
+    rec = Recorder(6)
+    res = fit(model, problem, FitConfig(optimizer=optimizer, lr=3e-3 if optimizer == "adam"
+                                        else None, **LOOP), callbacks=[rec])
+    assert res.stopped == "enough" and res.steps == 6
+    assert rec.calls == ["begin"] + ["step_begin", "step_end"] * 6 + ["end"]
+    assert rec.steps == list(range(1, 7))
+    assert rec.qualities == [q for _, q in res.history]
+    assert res.quality == rec.qualities[-1]
+
+
+def test_explicit_sgd_instance_improves_quality():
+    problem, model = problem_and_model(1)
+    with torch.no_grad():
+        before = problem.quality(problem.cell_losses(model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    assert not wants_per_cell_losses(opt)          # its closure gets the summed loss
+    res = fit(model, problem, FitConfig(**LOOP), optimizer=opt, callbacks=[Recorder(200)])
+    assert res.steps == 200 and res.function_evals == 200 and res.iterations == 200
+    with torch.no_grad():
+        after = problem.quality(problem.cell_losses(model))
+    # the history lags one step (SGD reports the loss where its step began)
+    assert res.quality == pytest.approx(res.history[-1][1])
+    assert after > before + 5.0, (before, after)
+    assert res.quality > before + 5.0
+
+
+def test_factory_matches_the_configured_optimizer():
+    """fit(cfg) and fit(optimizer=factory) follow the same iterates."""
+    cfg = FitConfig(optimizer="lbfgs", history_size=10, **LOOP)
+    states, results = [], []
+    for explicit in (False, True):
+        problem, model = problem_and_model(2)
+        kw = dict(optimizer=lambda params: make_optimizer(cfg, params)) if explicit else {}
+        results.append(fit(model, problem, cfg, callbacks=[Recorder(4)], **kw))
+        states.append(model.state_dict())
+    assert [q for _, q in results[0].history] == [q for _, q in results[1].history]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    assert results[0].iterations > 0        # BatchedLBFGS's own count (StopWhenConverged)
+
+
+def test_torch_lbfgs_with_exact_quality_reports_the_final_point():
+    problem, model = problem_and_model(3)
+    res = fit(model, problem, FitConfig(**LOOP),
+              optimizer=lambda p: torch.optim.LBFGS(p, max_iter=5, history_size=10,
+                                                    line_search_fn="strong_wolfe"),
+              callbacks=[ExactQuality(), Recorder(3)])
+    with torch.no_grad():
+        now = problem.quality(problem.cell_losses(model))
+    assert res.quality == pytest.approx(now, abs=1e-9)
+
+
+def test_lr_scheduler_and_plain_function_as_callbacks():
+    problem, model = problem_and_model(4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    seen = []
+    res = fit(model, problem, FitConfig(**LOOP), optimizer=opt,
+              callbacks=[sched, lambda s: seen.append(s.result.steps), Recorder(5)])
+    assert res.steps == 5 and seen == [1, 2, 3, 4, 5]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 5)
+
+
+def test_cosine_lr_follows_the_clock():
+    problem, model = problem_and_model(5)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    cos = CosineLR(total_seconds=10.0)
+    res = FitResult(0.0, 0, 0, 0)
+    state = FitState(model, opt, problem, FitConfig(), res)
+    cos.on_fit_begin(state)
+    for seconds, factor in ((0.0, 1.0), (5.0, 0.5), (10.0, 0.0), (20.0, 0.0)):
+        res.train_seconds = seconds
+        cos.on_step_begin(state)
+        assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * factor)
+    assert opt.param_groups[0]["initial_lr"] == 2e-3
+
+
+def test_bad_arguments_raise_value_error():
+    problem, model = problem_and_model()
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit(model, problem, FitConfig(lr_schedule="cosine", **LOOP),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit(model, problem, FitConfig(optimizer="adam", lr_schedule="linear", **LOOP))
+    with pytest.raises(ValueError, match="not a torch.optim.Optimizer"):
+        fit(model, problem, FitConfig(**LOOP), optimizer=lambda params: None)
+    with pytest.raises(ValueError, match="callbacks"):
+        fit(model, problem, FitConfig(**LOOP), callbacks=[42])
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        fit(model, problem, FitConfig(optimizer="sgd", **LOOP))
+
+
+def test_batched_lbfgs_gets_per_cell_losses():
+    problem, model = problem_and_model()
+    assert wants_per_cell_losses(BatchedLBFGS(model.parameters()))
+    opt = torch.optim.Adam(model.parameters())
+    opt.per_cell_closure = True                 # any optimiser can ask for them
+    assert wants_per_cell_losses(opt)
