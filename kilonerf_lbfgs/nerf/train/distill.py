@@ -143,8 +143,8 @@ def concat_samples(a: DistillSamples, b: DistillSamples) -> DistillSamples:
 
 
 class DistillProblem(CellProblem):
-    """The separable distillation problem for :func:`kilonerf_lbfgs.fitting.fit` and the
-    optimiser race: ``cell_losses(field) -> [n_nets]``."""
+    """The separable distillation problem for :func:`kilonerf_lbfgs.fitting.fit`:
+    ``cell_losses(field) -> [n_nets]``, one independent loss per network."""
 
     quality_name = "distill_psnr"
 
