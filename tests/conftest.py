@@ -18,11 +18,12 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
-def run_script(name, *args, timeout=300):
-    """Run scripts/NAME with ARGS in a subprocess; returns CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_script(name, *args, timeout=300, cwd=REPO, env=None):
+    """Run scripts/NAME with ARGS in a subprocess (from ``cwd``, with ``env`` added to the
+    environment); returns CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 @pytest.fixture

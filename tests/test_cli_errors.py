@@ -43,3 +43,65 @@ def test_non_positive_sizes(script, opt, value, name):
 def test_unknown_activation(script):
     _one_line_error(script("fit_image.py", "--activation", "swish", "--max_seconds", 1),
                     "--activation", "swish")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--width", "abc"], ["--width", "abc"]),
+    (["--optimizer", "sgd"], ["--optimizer", "sgd"]),
+    (["--history_size", "0"], ["--history_size"]),
+    (["--lr", "-1"], ["--lr", "-1"]),
+    (["--max_seconds", "0"], ["--max_seconds"]),
+    (["--grid", "4", "4", "4"], ["--grid"]),
+    (["--image", "camera", "--grid", "600", "600"], ["--grid", "more cells than pixels"]),
+])
+def test_bad_flag_value_names_the_flag(script, args, needles):
+    _one_line_error(script("fit_image.py", "--max_seconds", 1, *args), *needles)
+
+
+def test_out_of_range_value_in_a_config_file(script, tmp_path):
+    cfg = tmp_path / "c.txt"
+    cfg.write_text("width = 0\n")
+    _one_line_error(script("fit_image.py", "--config", cfg), "--width")
+
+
+def test_bare_config_name_from_another_folder(script, tmp_path):
+    # a bare name is found in the repository's configs/ whatever the working folder ...
+    _one_line_error(script("fit_image.py", "--config", "image.txt", "--width", "0",
+                           cwd=tmp_path), "--width")
+    # ... but a file of that name in the working folder wins
+    (tmp_path / "image.txt").write_text("frobnicate = 1\n")
+    _one_line_error(script("fit_image.py", "--config", "image.txt", cwd=tmp_path),
+                    "frobnicate", "image.txt")
+
+
+def test_corrupt_checkpoint_names_flag_and_file(script, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    _one_line_error(script("fit_image.py", "--resume", "--out_dir", tmp_path, "--image",
+                           "camera", "--crop", 32, "--grid", 2, "--max_seconds", 1),
+                    "--resume", "checkpoint.pt")
+
+
+# ---------------------------------------------------------------------------------- NeRF
+
+def test_nerf_missing_datadir_names_flag_and_folder(script, tmp_path):
+    _one_line_error(script("train_nerf.py", "--datadir", tmp_path / "no_scene",
+                           "--max_seconds", 1), "--datadir", "no_scene")
+    _one_line_error(script("train_nerf.py", "--max_seconds", 1), "--datadir")
+
+
+def test_nerf_bad_values_name_the_flag(script, tmp_path):
+    cfg = tmp_path / "n.txt"
+    cfg.write_text("demo_scene = true\ngrid_ress = 8\n")
+    _one_line_error(script("train_nerf.py", "--config", cfg), "grid_ress", "n.txt")
+    cfg.write_text("demo_scene = true\nteacher_fraction = 1.5\n")
+    _one_line_error(script("train_nerf.py", "--config", cfg), "--teacher_fraction", "1.5")
+    for args, flag in [(["--route", "sideways"], "--route"), (["--downsample", "0"],
+                       "--downsample"), (["--teacher", "oak"], "--teacher"),
+                       (["--aabb", "1", "1", "1", "0", "2", "2"], "--aabb")]:
+        _one_line_error(script("train_nerf.py", "--config", "demo.txt", "--demo_size", 8,
+                               "--datadir", tmp_path / "demo", *args, cwd=tmp_path), flag)
+
+
+def test_render_missing_checkpoint_names_flag_and_file(script, tmp_path):
+    _one_line_error(script("render_video.py", "--ckpt", tmp_path / "gone.pt"), "--ckpt",
+                    "gone.pt")

@@ -52,3 +52,18 @@ def test_benchmark_missing_real_file_is_one_line(script, tmp_path):
     _one_line_error(script("benchmark_optimizers.py", "--modality", "shape", "--mesh",
                            tmp_path / "gone.obj"), "--mesh", "gone.obj")
     assert os.path.isfile(os.path.join(SHARED_DATA, "meshes", "armadillo.obj"))
+
+
+def test_missing_files_name_flag_and_file(script, tmp_path):
+    """The library says which file is missing; the script adds the flag."""
+    for name, flag, path in [("fit_audio.py", "--audio", tmp_path / "gone.flac"),
+                             ("fit_video.py", "--video", tmp_path / "gone_frames"),
+                             ("fit_shape.py", "--mesh", tmp_path / "gone.ply")]:
+        _one_line_error(script(name, flag, path), flag, "gone", "no such")
+
+
+def test_bad_values_name_the_flag(script):
+    _one_line_error(script("fit_audio.py", "--samples_per_cell", "0"), "--samples_per_cell")
+    _one_line_error(script("fit_audio.py", "--omega_0", "-5"), "--omega_0")
+    _one_line_error(script("fit_video.py", "--grid", "99", "1", "1"), "--grid", "frames")
+    _one_line_error(script("fit_shape.py", "--target", "volume"), "--target", "volume")

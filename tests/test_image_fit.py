@@ -88,6 +88,40 @@ def test_load_image_formats(tmp_path):
     np.testing.assert_allclose(load_image(str(tmp_path / "rgba.png")), 1.0)  # on white
 
 
+def test_decoder_dtypes_alpha_and_area_resize(tmp_path):
+    """One decoder for every loader: 8/16-bit to [0, 1], alpha on the background, gray to RGB
+    on request; one area resize."""
+    import cv2
+
+    from kilonerf_lbfgs.images import decode_image, read_image, resize_area
+
+    rgba16 = np.zeros((2, 3, 4), np.uint16)
+    rgba16[..., 0] = 65535                                   # red ...
+    rgba16[..., 3] = 32768                                   # ... half transparent
+    cv2.imwrite(str(tmp_path / "r16.png"), rgba16[..., [2, 1, 0, 3]])   # OpenCV writes BGRA
+    got = read_image(str(tmp_path / "r16.png"), background=(0.0, 0.0, 1.0))
+    a = 32768 / 65535
+    np.testing.assert_allclose(got[0, 0], [a, 0.0, 1.0 - a], atol=1e-6)   # 16 bits kept
+    gray_alpha = np.stack([np.full((2, 2), 255, np.uint8), np.zeros((2, 2), np.uint8)], -1)
+    assert decode_image(gray_alpha, background=0.25).shape == (2, 2, 1)
+    np.testing.assert_allclose(decode_image(gray_alpha, background=0.25), 0.25)
+    assert decode_image(np.zeros((2, 2), np.uint8), rgb=True).shape == (2, 2, 3)
+    with pytest.raises(ValueError):
+        decode_image(np.zeros((2, 2, 5)))
+    img = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    np.testing.assert_allclose(resize_area(img, 2, 2)[..., 0], [[2.5, 4.5], [10.5, 12.5]])
+    assert resize_area(img, 4, 4) is img
+
+
+def test_library_errors_name_the_file_not_a_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(str(tmp_path / "nope.png"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png") as e:
+        load_image(str(tmp_path / "bad.png"))
+    assert "--" not in str(e.value)
+
+
 def test_fit_image_script_outputs_and_resume(script, tmp_path):
     img = (smooth_image(48, 40) * 255).astype(np.uint8)
     path = tmp_path / "img.png"
