@@ -27,10 +27,11 @@ from kilonerf_lbfgs.nerf.train.photometric import (LoopState, PhotometricConfig,
 
 def distill_snapshots(setup: DistillSetup, levels: Sequence[float], max_seconds: float,
                       history_size: int, seed: int = 0,
-                      log: Callable[[str], None] = print) -> list:
+                      log: Callable[[str], None] = print, max_evals: int = 0) -> list:
     """``[{"level", "distill_psnr", "distill_seconds", "state"}, ...]`` for each level the
-    run reaches within ``max_seconds`` (the last entry: the state at the budget when the
-    highest level is not reached)."""
+    run reaches within ``max_seconds`` (and, when ``max_evals > 0``, that many closure
+    evaluations per level; the last entry: the state at the budget when the highest level
+    is not reached)."""
     field = setup.make_field(seed)
     out, resume = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,6 +41,8 @@ def distill_snapshots(setup: DistillSetup, levels: Sequence[float], max_seconds:
                 out.append({**out[-1], "level": level, "state": out[-1]["state"]})
                 continue
             cfg = FitConfig(optimizer="lbfgs", history_size=history_size, max_seconds=max_seconds,
+                            max_evals=max_evals and max_evals + (resume or {}).get(
+                                "function_evals", 0),
                             target=level, progress=False, ckpt_path=ckpt, ckpt_every=1e18)
             res = fit(field, setup.problem, cfg, resume=resume)
             resume = load_checkpoint(ckpt)

@@ -48,7 +48,8 @@ NERF_DISTILL_PRESETS = {
 
 def _teacher_cache(datadir: str, spec: Dict, cache_dir: str) -> str:
     key = json.dumps({"data": os.path.abspath(datadir), **{k: spec[k] for k in
-                      ("downsample", "aabb", "occ_res", "teacher_seconds")}}, sort_keys=True)
+                      ("downsample", "aabb", "occ_res", "teacher_seconds")},
+                      "teacher_steps": spec.get("teacher_steps", 0)}, sort_keys=True)
     return os.path.join(cache_dir, f"nerf_teacher_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt")
 
 
@@ -89,8 +90,10 @@ def prepare_distillation(spec: Dict, datadir: str, cache_dir: str = "bench",
         marcher.load_state_dict(ck["marcher"])
         print(f"teacher from cache {path}")
     else:
+        # teacher_steps > 0 (tests): a step budget, so the teacher does not depend on the clock
         cfg = PhotometricConfig(optimizer="adam", batch_rays=opts.batch_rays,
-                                seconds=spec["teacher_seconds"], desc="teacher")
+                                seconds=spec["teacher_seconds"],
+                                max_steps=spec.get("teacher_steps", 0), desc="teacher")
         gen = torch.Generator().manual_seed(0)
         train_photometric(teacher, marcher, bank, rs, cfg, LoopState(),
                           teacher.optimizer(lr_grid=teacher_lr(opts, teacher)), gen,

@@ -278,14 +278,3 @@ def run_main(main: Callable[[], None]) -> None:
         print("interrupted; the last checkpoint is kept (continue with --resume)",
               file=sys.stderr)
         sys.exit(130)
-
-
-def __getattr__(name: str):
-    # Deprecated: the library no longer knows the repository layout. Kept only until
-    # benchmarks/presets.py stops importing it; use a path computed from your own file.
-    if name == "REPO_ROOT":
-        import warnings
-        warnings.warn("kilonerf_lbfgs.config.REPO_ROOT is deprecated", DeprecationWarning,
-                      stacklevel=2)
-        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

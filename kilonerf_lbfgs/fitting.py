@@ -86,6 +86,8 @@ class FitConfig:
     evals_per_step: int = 5             # L-BFGS closure evaluations between quality checks
     # the loop
     max_seconds: float = 60.0
+    max_evals: int = 0                  # > 0: also stop after this many closure evaluations
+                                        # (a budget that does not depend on the machine)
     target: Optional[float] = None      # stop when quality >= target
     ckpt_path: Optional[str] = None
     ckpt_every: float = 30.0            # seconds of training between checkpoints
@@ -298,6 +300,8 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
             :class:`StopWhenConverged`, added for a BatchedLBFGS).
     """
     cfg = cfg if cfg is not None else FitConfig()
+    if cfg.max_evals < 0:
+        raise ValueError(f"FitConfig.max_evals must be >= 0 (0: no limit), got {cfg.max_evals}")
     device = device or next(model.parameters()).device
     if optimizer is None:
         opt, hooks = optimizer_from_config(cfg, model.parameters())
@@ -388,6 +392,8 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
             break
         if state.stop is not None:
             res.stopped = state.stop
+            break
+        if 0 < cfg.max_evals <= counters["evals"]:
             break
         if res.train_seconds - last_ckpt >= cfg.ckpt_every:
             checkpoint()

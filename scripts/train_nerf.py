@@ -7,7 +7,7 @@ then evaluate it on the test split.
 """
 import os
 
-from kilonerf_lbfgs.config import build_parser, parse_args, run_main
+from kilonerf_lbfgs.config import build_parser, for_option, parse_args, run_main
 from kilonerf_lbfgs.io import plot_convergence, save_json
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, options_from_args
 from kilonerf_lbfgs.nerf.evaluate import evaluate
@@ -37,7 +37,8 @@ def main():
     camera = {"W": train.W, "H": train.H, "intrinsics": train.intrinsics[0].tolist()}
     pipe = NerfPipeline(opts, RayBank(train, device), device, ckpt,
                         extra={"args": vars(args), "camera": camera})
-    resume_or_new(pipe, args.resume)
+    with for_option("--resume", ckpt):
+        resume_or_new(pipe, args.resume)
     field = pipe.run()
     m = evaluate(field, pipe.marcher, test, pipe.rs, out_dir=os.path.join(args.out_dir, "test"),
                  progress=not args.no_progress)

@@ -47,7 +47,8 @@ def test_small_audio_fit_reaches_stated_snr():
     prob = AudioProblem(wave, 25)
     omega = omega_for_cells(wave, 32)
     model = MultiMLP(25, 1, 1, 16, 2, omega_0=omega, generator=torch.Generator().manual_seed(0))
-    res = fit(model, prob, FitConfig(optimizer="lbfgs", max_seconds=30, target=50.0,
+    res = fit(model, prob, FitConfig(optimizer="lbfgs", max_seconds=600, max_evals=60,
+                                     target=50.0,
                                      progress=False))
     assert res.reached_target, res.quality
     assert snr_db(prob.reconstruct(model), wave) > 30.0

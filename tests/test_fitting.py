@@ -149,3 +149,15 @@ def test_batched_lbfgs_gets_per_cell_losses():
     opt = torch.optim.Adam(model.parameters())
     opt.per_cell_closure = True                 # any optimiser can ask for them
     assert wants_per_cell_losses(opt)
+
+
+@pytest.mark.parametrize("optimizer,limit", [("adam", 12), ("lbfgs", 12)])
+def test_max_evals_is_a_budget_in_closure_evaluations(optimizer, limit):
+    problem, model = problem_and_model()
+    res = fit(model, problem, FitConfig(optimizer=optimizer, evals_per_step=5,
+                                        max_evals=limit, **LOOP))
+    # the loop stops at the first step boundary at or past the budget
+    assert limit <= res.function_evals <= limit + 4, res.function_evals
+    assert res.stopped == "budget"
+    with pytest.raises(ValueError, match="max_evals"):
+        fit(model, problem, FitConfig(max_evals=-1, **LOOP))

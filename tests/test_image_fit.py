@@ -45,7 +45,7 @@ def test_small_fit_reaches_stated_psnr(optimizer):
     model = MultiMLP(prob.n_cells, 2, 3, 16, 2, generator=torch.Generator().manual_seed(0))
     target = 40.0 if optimizer == "lbfgs" else 30.0
     cfg = FitConfig(optimizer=optimizer, lr=None if optimizer == "lbfgs" else 3e-3,
-                    max_seconds=60, target=target, progress=False)
+                    max_seconds=600, max_evals=250, target=target, progress=False)
     res = fit(model, prob, cfg)
     assert res.reached_target, res.quality
     recon = prob.reconstruct(model)

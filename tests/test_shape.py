@@ -92,7 +92,7 @@ def test_tiny_shape_fit_reaches_stated_iou(target, bar):
     """A sphere, 2x2x2 cells, 6000 points, sine 2x32 (omega_0 5): IoU >= 0.95."""
     prob = make_shape_problem(sphere_mesh(3), (2, 2, 2), target, n_points=6000, n_eval=4000)
     model = MultiMLP(8, 3, 1, 32, 2, omega_0=5.0, generator=torch.Generator().manual_seed(0))
-    res = fit(model, prob, FitConfig(max_seconds=60, target=bar, progress=False))
+    res = fit(model, prob, FitConfig(max_seconds=600, max_evals=100, target=bar, progress=False))
     assert res.reached_target, res.quality
 
 

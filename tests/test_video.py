@@ -39,7 +39,7 @@ def test_tiny_video_fit_reaches_30_db():
     clip = synth_video(4, 16)
     prob = VideoProblem(clip, (1, 2, 2), chunk_cells=2)
     model = MultiMLP(prob.n_cells, 3, 3, 32, 2, generator=torch.Generator().manual_seed(0))
-    res = fit(model, prob, FitConfig(max_seconds=60, target=32.0, progress=False))
+    res = fit(model, prob, FitConfig(max_seconds=600, max_evals=100, target=32.0, progress=False))
     assert res.reached_target, res.quality
     assert frame_metrics(prob.reconstruct(model), clip)["psnr"] > 30.0
 

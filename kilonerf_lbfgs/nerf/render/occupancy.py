@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ...grid import CellGrid
+from ...grid import CellGrid, in_box
 
 _UNSET_DENSITY = 1e10
 
@@ -80,8 +80,7 @@ class OccupancyGrid(nn.Module):
 
     def inside(self, x: Tensor) -> Tensor:
         """``x [M, 3]`` -> ``[M]`` bool: in the closed box."""
-        lo, hi = self.aabb[:3].to(x), self.aabb[3:].to(x)
-        return ((x >= lo) & (x <= hi)).all(-1)
+        return in_box(x, self.aabb[:3].to(x), self.aabb[3:].to(x))
 
     def flat_index(self, ijk: Tensor) -> Tensor:
         """``[M, 3]`` voxel coordinates -> ``[M]`` row-major ids (z fastest)."""

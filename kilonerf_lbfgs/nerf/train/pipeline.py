@@ -28,8 +28,9 @@ from torch import nn
 
 from ...fitting import FitConfig, fit
 from ...grid import CellGrid
-from ...io import UserError, load_checkpoint, save_checkpoint
-from .distill import DistillProblem, collect_distill_samples
+from ...io import load_checkpoint, save_checkpoint
+from .distill import (DistillProblem, collect_distill_samples, concat_samples,
+                      uniform_distill_samples)
 from ..fields.kilonerf import KiloNeRFField
 from ..render.marcher import Marcher
 from .photometric import LoopState, PhotometricConfig, make_photometric_optimizer, train_photometric
@@ -107,7 +108,17 @@ class NerfOptions:
     distill_rays: int = dc_field(default=65536, metadata={
         "help": "rays whose samples make the distillation set", "positive": True})
     distill_max_per_cell: int = dc_field(default=1024, metadata={
-        "help": "distillation samples kept per cell", "positive": True})
+        "help": "distillation: ray samples kept per cell", "positive": True})
+    distill_sampling: str = dc_field(default="rays", metadata={
+        "help": "distillation samples: the teacher's ray samples (rays), points uniform in "
+                "each cell (uniform, KiloNeRF's), or both (mixed)",
+        "choices": ("rays", "uniform", "mixed")})
+    distill_uniform_per_cell: int = dc_field(default=2048, metadata={
+        "help": "distillation: uniform samples per cell (uniform and mixed sampling)",
+        "positive": True})
+    distill_evals: int = dc_field(default=0, metadata={
+        "help": "the distillation stage also stops after this many function evaluations "
+                "(0: time budget only)", "min": 0})
     optimizer: str = dc_field(default="lbfgs", metadata={
         "help": "the cells' optimiser (distill stage / direct route)",
         "choices": ("lbfgs", "adam")})
@@ -152,7 +163,7 @@ def new_teacher(opts: NerfOptions, device) -> nn.Module:
         return HashGridTeacher(opts.aabb, n_levels=opts.hash_levels,
                                log2_table=opts.hash_log2_table, max_res=opts.hash_max_res,
                                device=device, generator=torch.Generator().manual_seed(opts.seed))
-    raise UserError(f"--teacher {opts.teacher}: choose dense or hash")
+    raise ValueError(f"teacher {opts.teacher!r}: choose dense or hash")
 
 
 def teacher_lr(opts: NerfOptions, teacher: nn.Module) -> float:
@@ -166,7 +177,10 @@ class NerfPipeline:
     def __init__(self, opts: NerfOptions, train_bank: RayBank, device, ckpt_path: str,
                  extra: Optional[Dict] = None):
         if opts.route not in STAGES:
-            raise UserError(f"--route {opts.route}: choose distill or direct")
+            raise ValueError(f"route {opts.route!r}: choose distill or direct")
+        if opts.distill_sampling not in ("rays", "uniform", "mixed"):
+            raise ValueError(f"distill_sampling {opts.distill_sampling!r}: choose rays, "
+                             f"uniform or mixed")
         self.opts, self.bank, self.device = opts, train_bank, device
         self.ckpt_path, self.extra = ckpt_path, dict(extra or {})
         self.rs = opts.settings(device)
@@ -208,8 +222,8 @@ class NerfPipeline:
     def load(self, ckpt: Dict) -> None:
         """Restore a checkpoint written by this pipeline (same route)."""
         if ckpt.get("kind") != "nerf" or ckpt["options"].get("route") != self.opts.route:
-            raise UserError(f"--resume: {self.ckpt_path} was written by a different run; "
-                            f"use another --out_dir")
+            raise ValueError(f"{self.ckpt_path} was written by a run of another route; "
+                             f"train into another output folder")
         self.stage, self.done = ckpt["stage"], ckpt["done"]
         self.marcher.load_state_dict(ckpt["marcher"])
         self.gen.set_state(ckpt["rng"])
@@ -268,8 +282,15 @@ class NerfPipeline:
             occ = self.marcher.grid.cells_occupied(CellGrid(o.aabb[:3], o.aabb[3:], o.grid_res))
             self.field = self.new_field(occ.cpu())
         gen = torch.Generator().manual_seed(o.seed + 1)
-        samples = collect_distill_samples(self.teacher, self.marcher, self.bank, self.field,
-                                          self.rs, o.distill_rays, o.distill_max_per_cell, gen)
+        samples = None
+        if o.distill_sampling in ("rays", "mixed"):
+            samples = collect_distill_samples(self.teacher, self.marcher, self.bank, self.field,
+                                              self.rs, o.distill_rays, o.distill_max_per_cell,
+                                              gen)
+        if o.distill_sampling in ("uniform", "mixed"):
+            uni = uniform_distill_samples(self.teacher, self.field, o.distill_uniform_per_cell,
+                                          self.rs.step_size, gen)
+            samples = uni if samples is None else concat_samples(samples, uni)
         return DistillProblem(samples, self.rs.step_size)
 
     def run_distill(self) -> None:
@@ -277,7 +298,7 @@ class NerfPipeline:
         problem = self.distill_problem()
         cfg = FitConfig(optimizer=o.optimizer, lr=o.lr, history_size=o.history_size,
                         evals_per_step=o.evals_per_step,
-                        max_seconds=self.opts.budgets()["distill"],
+                        max_seconds=self.opts.budgets()["distill"], max_evals=o.distill_evals,
                         ckpt_path=self.ckpt_path, ckpt_every=o.ckpt_every,
                         progress=o.progress, desc=f"distill {o.optimizer}")
         resume = None
