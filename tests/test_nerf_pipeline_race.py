@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.nerf_pipeline import (OURS, format_pipeline_tables, ratios_to_ours, run_contender,
+from benchmarks.nerf_pipeline import (OURS, format_pipeline_tables, ratios_to_ours,
                                       run_pipeline_race)
 from kilonerf_lbfgs.config import UserError
 from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
