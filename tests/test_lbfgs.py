@@ -2,6 +2,8 @@
 import copy
 
 import numpy as np
+import math
+
 import pytest
 import scipy.optimize as so
 import torch
@@ -738,3 +740,99 @@ def test_incremental_gram_matrices_equal_einsum_over_history(dtype, tol):
     assert bool((kept > 5 * m).all()), kept
     assert bool(st["valid"].all())
     assert bool((opt.status()["status"] == 0).all())     # still running: no shortcut taken
+
+
+# ------------------------------------------------------------------ a new objective (batch)
+
+def _quadratic_cells(n=3, p=6, seed=0):
+    """Per-cell SPD matrices ``A [n, p, p]`` (condition ~50) for f_B(x) = 1/2 (x-b)^T A (x-b)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, p, p, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, math.log10(50.0), p, dtype=torch.float64).expand(n, p)
+    return q @ torch.diag_embed(eig) @ q.transpose(1, 2)
+
+
+def _batch_closure(opt, x, A, b):
+    def closure():
+        opt.zero_grad()
+        r = x - b
+        losses = 0.5 * torch.einsum("np,npq,nq->n", r, A, r)
+        losses.sum().backward()
+        return losses.detach()
+    return closure
+
+
+def test_same_batch_pairs_satisfy_the_secant_condition_on_a_quadratic():
+    """Each batch moves the minimum (b) but keeps the curvature (A): every stored pair was
+    measured within one batch, so y = A s holds for all of them, across batch changes."""
+    A = _quadratic_cells()
+    x = torch.zeros(3, 6, dtype=torch.float64, requires_grad=True)
+    opt = BatchedLBFGS([x], history_size=20, max_eval=4)
+    g = torch.Generator().manual_seed(1)
+    for k in range(4):
+        b = torch.randn(3, 6, generator=g, dtype=torch.float64)
+        if k:
+            opt.new_objective(keep_history=True)
+        opt.step(_batch_closure(opt, x, A, b))
+    st = opt.state_dict()["state"][0]
+    valid = st["valid"]
+    assert int(valid.sum()) >= 3 * 8                       # pairs from several batches
+    s, y = st["sy"][:, :, 0], st["sy"][:, :, 1]
+    As = torch.einsum("npq,nmq->nmp", A, s)
+    err = (As - y).norm(dim=-1)[valid] / y.norm(dim=-1)[valid]
+    assert float(err.max()) < 1e-10, float(err.max())
+
+
+def test_new_objective_without_history_equals_a_new_optimiser():
+    A = _quadratic_cells(seed=2)
+    g = torch.Generator().manual_seed(3)
+    b1, b2 = (torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    x = torch.zeros(3, 6, dtype=torch.float64, requires_grad=True)
+    opt = BatchedLBFGS([x], history_size=5, max_eval=6)
+    opt.step(_batch_closure(opt, x, A, b1))
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = BatchedLBFGS([x_ref], history_size=5, max_eval=6)
+    opt.new_objective(keep_history=False)
+    for _ in range(3):
+        out = opt.step(_batch_closure(opt, x, A, b2))
+        out_ref = ref.step(_batch_closure(ref, x_ref, A, b2))
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(x.detach(), x_ref.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_kept_history_solves_the_next_batch_in_fewer_evaluations():
+    """The curvature carries over: on the next batch the kept pairs give a near-Newton step."""
+    A = _quadratic_cells(n=4, p=12, seed=4)
+    g = torch.Generator().manual_seed(5)
+    b1, b2 = (torch.randn(4, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    evals = {}
+    for keep in (True, False):
+        x = torch.zeros(4, 12, dtype=torch.float64, requires_grad=True)
+        opt = BatchedLBFGS([x], history_size=30, max_eval=40)
+        opt.step(_batch_closure(opt, x, A, b1))           # learns the curvature
+        opt.new_objective(keep_history=keep)
+        opt.param_groups[0]["max_eval"] = 1               # one evaluation per step from here
+        n = 0
+        while n < 60 and float((x.detach() - b2).abs().max()) >= 1e-6:
+            opt.step(_batch_closure(opt, x, A, b2))
+            n += 1
+        evals[keep] = n
+    assert evals[True] < evals[False], evals
+
+
+def test_new_objective_before_the_first_step_is_a_no_op_and_kind_must_match():
+    x = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    opt = BatchedLBFGS([x], max_eval=2)
+    opt.new_objective()                                    # nothing to restart yet
+    A = _quadratic_cells(n=2, p=3)
+    b = torch.ones(2, 3, dtype=torch.float64)
+    opt.step(_batch_closure(opt, x, A, b))
+    opt.new_objective()
+
+    def coupled():
+        opt.zero_grad()
+        loss = (x ** 2).sum()
+        loss.backward()
+        return loss.detach()
+    with pytest.raises(ValueError, match="separable"):
+        opt.step(coupled)

@@ -523,6 +523,30 @@ def iterate(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor, hp: Hyperpar
                   where=renew, lr=hp.lr, work=work)
 
 
+def restart_on_new_objective(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor,
+                             hp: Hyperparameters, keep_history: bool,
+                             work: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """The objective changed (a new batch of samples): ``loss`` (``[n]`` or ``[]``) and
+    ``grad [n, p]`` are the new objective's value and gradient at the current point
+    ``st.x0``. Every cell becomes active again (unless stationary) with a fresh line search
+    along a new direction. With ``keep_history`` the curvature pairs of earlier objectives
+    stay: each pair was measured on one objective (``y = g(x_new; B) - g(x; B)``, the same
+    batch ``B`` on both sides), so it is a true secant pair of that objective, and with
+    batches from one distribution the curvature they describe carries over. Without it the
+    cells restart from steepest descent, as a new optimiser would."""
+    n = st.n_cells
+    st.f0, st.g0, st.lo_g = loss.clone(), grad, grad.clone()
+    stationary = grad.abs().amax(1) <= hp.tolerance_grad
+    if not st.separable:
+        stationary = stationary.all().expand(n)
+    st.status = torch.where(stationary, torch.full_like(st.status, CONVERGED),
+                            torch.full_like(st.status, ACTIVE))
+    st.n_evals += 1
+    reset = torch.full((n,), not keep_history, dtype=torch.bool, device=grad.device)
+    proj = project_history(st.sy, grad, st.slots_used)
+    new_direction(st, grad, proj, reset=reset, where=None, lr=hp.lr, work=work)
+
+
 # ---------------------------------------------------------------------------- the optimiser
 
 def _tree_map(fn, value):
@@ -604,6 +628,7 @@ class BatchedLBFGS(Optimizer):
         self._numels = [p[0].numel() for p in self._params]
         self.n_params = sum(self._numels)
         self._work: Dict[str, torch.Tensor] = {}   # scratch buffers, not part of the state
+        self._new_objective: Optional[bool] = None  # set by new_objective(): keep_history
 
     # ------------------------------------------------------------------ flat views
     def _gather_flat_params(self) -> torch.Tensor:
@@ -647,6 +672,18 @@ class BatchedLBFGS(Optimizer):
                              f"expected [{self.n_cells}] (independent cells) or a scalar")
         return loss, self._gather_flat_grad(), separable
 
+    def new_objective(self, keep_history: bool = True) -> None:
+        """Say that the closure now computes another objective (e.g. a new batch of samples
+        drawn from the same distribution). The next :meth:`step` first evaluates the new
+        objective at the current point, then every cell starts a new line search from
+        there (converged cells become active again). ``keep_history=True`` keeps the
+        curvature pairs (each measured within one batch; see
+        :func:`restart_on_new_objective`); ``False`` drops them, as a new optimiser would.
+        Before the first step it does nothing. Not part of ``state_dict`` (call it again
+        after a resume if the objective changes then)."""
+        if self.state[self._params[0]]:
+            self._new_objective = bool(keep_history)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable) -> torch.Tensor:
@@ -659,6 +696,17 @@ class BatchedLBFGS(Optimizer):
         if not self.state[key]:
             loss, grad, separable = self._evaluate(closure)
             st = init_state(loss, grad, self._gather_flat_params(), separable, hp, self._work)
+            self.state[key] = st.to_dict()
+            budget = hp.max_eval - 1
+        elif self._new_objective is not None:
+            st = LBFGSState.from_dict(self.state[key])
+            self._set_flat_params(st.x0)
+            loss, grad, separable = self._evaluate(closure)
+            if separable != st.separable:
+                raise ValueError("BatchedLBFGS: the new objective must be separable (or "
+                                 "coupled) like the old one")
+            restart_on_new_objective(st, loss, grad, hp, self._new_objective, self._work)
+            self._new_objective = None
             self.state[key] = st.to_dict()
             budget = hp.max_eval - 1
         else:
