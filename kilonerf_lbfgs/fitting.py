@@ -134,11 +134,17 @@ class FitState:
 
 
 class Callback:
-    """Hooks into :func:`fit`; none of them is timed. Override the ones you need.
+    """Hooks into :func:`fit`. Override the ones you need.
+
+    None of the hooks is timed, except :meth:`on_step_begin` of a callback whose
+    ``timed`` is True: that one is part of the training work (e.g. drawing a fresh batch
+    of samples) and runs inside the step's clock.
 
     A plain callable ``f(state)`` passed as a callback is called as :meth:`on_step_end`;
     a ``torch.optim.lr_scheduler.LRScheduler`` is stepped after every optimiser step.
     """
+
+    timed: bool = False
 
     def on_fit_begin(self, state: FitState) -> None:
         """Once, after the optimiser is built and a checkpoint (if any) restored."""
@@ -364,9 +370,13 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
     last_ckpt = res.train_seconds
     while res.train_seconds < cfg.max_seconds:
         for h in hooks:
-            h.on_step_begin(state)
+            if not h.timed:
+                h.on_step_begin(state)
         synchronize(device)
         t0 = time.perf_counter()
+        for h in hooks:
+            if h.timed:
+                h.on_step_begin(state)
         out = opt.step(closure)
         synchronize(device)
         dt = time.perf_counter() - t0

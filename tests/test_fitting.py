@@ -161,3 +161,23 @@ def test_max_evals_is_a_budget_in_closure_evaluations(optimizer, limit):
     assert res.stopped == "budget"
     with pytest.raises(ValueError, match="max_evals"):
         fit(model, problem, FitConfig(max_evals=-1, **LOOP))
+
+
+def test_only_timed_callbacks_count_as_training_time():
+    import time as _time
+
+    class Sleep(Callback):
+        def __init__(self, timed):
+            self.timed = timed
+
+        def on_step_begin(self, state):
+            _time.sleep(0.05)
+
+    secs = {}
+    for timed in (False, True):
+        problem, model = problem_and_model()
+        res = fit(model, problem, FitConfig(optimizer="adam", max_evals=6, **LOOP),
+                  callbacks=[Sleep(timed)])
+        secs[timed] = res.train_seconds
+    assert secs[True] >= 6 * 0.05
+    assert secs[True] - secs[False] >= 6 * 0.05 * 0.5       # the untimed sleeps are not counted
