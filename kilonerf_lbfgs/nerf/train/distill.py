@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ...fitting import CellProblem
+from ...fitting import Callback, CellProblem, FitState
 from ...metrics import psnr_from_mse
 from ..fields.kilonerf import KiloNeRFField
 from ..data.rays import RayBank
@@ -167,3 +167,43 @@ class DistillProblem(CellProblem):
 
     def subset(self, cells: torch.Tensor) -> "DistillProblem":
         return DistillProblem(self.samples.select(cells), self.step_size)
+
+    def set_samples(self, samples: DistillSamples) -> None:
+        """Replace the samples (same networks): the objective becomes another batch."""
+        if int(samples.counts.numel()) != self.n_cells:
+            raise ValueError(f"set_samples: {int(samples.counts.numel())} networks, the "
+                             f"problem has {self.n_cells}")
+        self.samples = samples
+        self.weight = samples.mask.float() / samples.counts.clamp(min=1).float()[:, None]
+
+
+class FreshUniformSamples(Callback):
+    """A :func:`~kilonerf_lbfgs.fitting.fit` callback: before every step but the first,
+    ``problem`` gets a fresh draw of :func:`uniform_distill_samples` (``n_per_cell`` per
+    network), and an optimiser with ``new_objective`` (:class:`BatchedLBFGS`) is told, so
+    its line searches restart on the new batch; its curvature pairs, each measured within
+    one batch, are kept when ``keep_history``. Drawing the samples and the teacher's
+    targets is training work, so the hook is timed.
+
+    The distillation target is a continuous function: a fixed sample set is overfitted
+    (fitting it well and generalising badly), fresh samples are not.
+    """
+
+    timed = True
+
+    def __init__(self, problem: DistillProblem, teacher, field: KiloNeRFField,
+                 n_per_cell: int, step_size: float, generator: torch.Generator,
+                 keep_history: bool = True):
+        self.problem, self.teacher, self.field = problem, teacher, field
+        self.n_per_cell, self.step_size, self.generator = n_per_cell, step_size, generator
+        self.keep_history = keep_history
+        self._first = True
+
+    def on_step_begin(self, state: FitState) -> None:
+        if self._first:              # the problem's own samples serve the first step
+            self._first = False
+            return
+        self.problem.set_samples(uniform_distill_samples(
+            self.teacher, self.field, self.n_per_cell, self.step_size, self.generator))
+        if hasattr(state.optimizer, "new_objective"):
+            state.optimizer.new_objective(keep_history=self.keep_history)

@@ -29,8 +29,8 @@ from torch import nn
 from ...fitting import FitConfig, fit
 from ...grid import CellGrid
 from ...io import load_checkpoint, save_checkpoint
-from .distill import (DistillProblem, collect_distill_samples, concat_samples,
-                      uniform_distill_samples)
+from .distill import (DistillProblem, FreshUniformSamples, collect_distill_samples,
+                      concat_samples, uniform_distill_samples)
 from ..fields.kilonerf import KiloNeRFField
 from ..render.marcher import Marcher
 from .photometric import LoopState, PhotometricConfig, make_photometric_optimizer, train_photometric
@@ -39,6 +39,7 @@ from ..render.rendering import RenderSettings
 from ..fields.teacher import DenseGridTeacher, HashGridTeacher, make_teacher
 
 STAGES = {"distill": ("teacher", "distill", "finetune"), "direct": ("direct",)}
+DISTILL_SAMPLING = ("rays", "uniform", "mixed", "fresh")
 
 
 @dataclass
@@ -111,10 +112,12 @@ class NerfOptions:
         "help": "distillation: ray samples kept per cell", "positive": True})
     distill_sampling: str = dc_field(default="rays", metadata={
         "help": "distillation samples: the teacher's ray samples (rays), points uniform in "
-                "each cell (uniform, KiloNeRF's), or both (mixed)",
-        "choices": ("rays", "uniform", "mixed")})
+                "each cell (uniform, KiloNeRF's), both (mixed), or uniform points drawn "
+                "afresh before every step (fresh; an L-BFGS step is then a round of "
+                "evals_per_step evaluations on one draw)",
+        "choices": ("rays", "uniform", "mixed", "fresh")})
     distill_uniform_per_cell: int = dc_field(default=2048, metadata={
-        "help": "distillation: uniform samples per cell (uniform and mixed sampling)",
+        "help": "distillation: uniform samples per cell (uniform, mixed; fresh: per draw)",
         "positive": True})
     distill_evals: int = dc_field(default=0, metadata={
         "help": "the distillation stage also stops after this many function evaluations "
@@ -127,7 +130,9 @@ class NerfOptions:
     history_size: int = dc_field(default=30, metadata={
         "help": "L-BFGS pairs per cell", "positive": True})
     evals_per_step: int = dc_field(default=5, metadata={
-        "help": "coupled L-BFGS: function evaluations per step", "positive": True})
+        "help": "L-BFGS: function evaluations per step (direct route: per ray batch; "
+                "distillation: between quality checks, or per draw with fresh sampling)",
+        "positive": True})
     finetune_lr: float = dc_field(default=2e-4, metadata={
         "help": "Adam rate of the fine-tuning stage", "positive": True})
     direct_lr: float = dc_field(default=5e-4, metadata={
@@ -178,9 +183,9 @@ class NerfPipeline:
                  extra: Optional[Dict] = None):
         if opts.route not in STAGES:
             raise ValueError(f"route {opts.route!r}: choose distill or direct")
-        if opts.distill_sampling not in ("rays", "uniform", "mixed"):
-            raise ValueError(f"distill_sampling {opts.distill_sampling!r}: choose rays, "
-                             f"uniform or mixed")
+        if opts.distill_sampling not in DISTILL_SAMPLING:
+            raise ValueError(f"distill_sampling {opts.distill_sampling!r}: choose one of "
+                             f"{', '.join(DISTILL_SAMPLING)}")
         self.opts, self.bank, self.device = opts, train_bank, device
         self.ckpt_path, self.extra = ckpt_path, dict(extra or {})
         self.rs = opts.settings(device)
@@ -287,7 +292,7 @@ class NerfPipeline:
             samples = collect_distill_samples(self.teacher, self.marcher, self.bank, self.field,
                                               self.rs, o.distill_rays, o.distill_max_per_cell,
                                               gen)
-        if o.distill_sampling in ("uniform", "mixed"):
+        if o.distill_sampling in ("uniform", "mixed", "fresh"):
             uni = uniform_distill_samples(self.teacher, self.field, o.distill_uniform_per_cell,
                                           self.rs.step_size, gen)
             samples = uni if samples is None else concat_samples(samples, uni)
@@ -308,8 +313,13 @@ class NerfPipeline:
         self.resume_payload = None
         # fit() writes its own checkpoints; they carry the pipeline state as extra keys
         pipeline_state = self._payload()
+        callbacks = []
+        if o.distill_sampling == "fresh":
+            callbacks.append(FreshUniformSamples(
+                problem, self.teacher, self.field, o.distill_uniform_per_cell,
+                self.rs.step_size, torch.Generator().manual_seed(o.seed + 2)))
         res = fit(self.field, problem, cfg, resume=resume,
-                  extra_ckpt={**pipeline_state, "fit_stage": True})
+                  extra_ckpt={**pipeline_state, "fit_stage": True}, callbacks=callbacks)
         # _finish() writes the next checkpoint in the pipeline's layout (field under "field")
         self.loop = LoopState(res.train_seconds, res.steps, res.function_evals, res.history)
         if self.probe is not None:
