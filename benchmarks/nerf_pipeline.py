@@ -37,6 +37,13 @@ CONTENDERS: Dict[str, Dict] = {
     "distill_adam": dict(route="distill", optimizer="adam", lr=3e-3),
     "direct_adam": dict(route="direct", optimizer="adam"),
     "direct_batched_lbfgs": dict(route="direct", optimizer="lbfgs"),
+    # distillation on uniform points drawn afresh every step (benchmarks/nerf_distill_sampling:
+    # the sample regime that generalises); each optimiser with its best setting there
+    "distill_fresh_batched_lbfgs": dict(route="distill", optimizer="lbfgs",
+                                        distill_sampling="fresh", distill_uniform_per_cell=256,
+                                        evals_per_step=10),
+    "distill_fresh_adam": dict(route="distill", optimizer="adam", lr=1e-3,
+                               distill_sampling="fresh", distill_uniform_per_cell=128),
 }
 
 NERF_PIPELINE_PRESETS = {

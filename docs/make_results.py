@@ -27,7 +27,7 @@ REQUIRED = ("title", "command", "date", "machine", "conditions", "notes", "prove
 ORDER = (
     "nerf_lego", "nerf_routes", "nerf_pipeline_race", "nerf_pipeline_race_quick",
     "nerf_distill_calibration", "nerf_distill_race", "nerf_distill_calibration_quick",
-    "nerf_distill_race_quick", "hash_teacher",
+    "nerf_distill_race_quick", "nerf_distill_sampling", "hash_teacher",
     "image_fidelity", "image_fidelity_quick", "image_compression", "image_compression_quick",
     "image_compression_kodak", "image_activations", "image_width",
     "audio_race", "video_race", "shape_race", "shape_generalisation", "quick_races",

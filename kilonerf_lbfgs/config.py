@@ -166,6 +166,8 @@ class RunOptions:
                          choices=("auto", "cpu", "cuda"))
     seed: int = option(0, "random seed")
     max_seconds: float = option(60.0, "training budget in optimiser seconds", positive=True)
+    max_evals: int = option(0, "also stop after this many function evaluations (0: no limit); "
+                               "a budget that does not depend on the machine", min=0)
     target_psnr: Optional[float] = option(None, "stop as soon as this PSNR (dB) is reached")
     ckpt_every: float = option(30.0, "seconds of training between checkpoints", positive=True)
     resume: bool = option(False, "continue from OUT_DIR/checkpoint.pt if it exists")
@@ -182,10 +184,11 @@ class ArgumentParser(configargparse.ArgumentParser):
 
 def build_parser(description: str, default_config: Optional[str] = None,
                  psnr_target: bool = True,
-                 config_dirs: Sequence[str] = ()) -> configargparse.ArgumentParser:
-    """The options every script shares (:class:`RunOptions`); scripts add their own with
-    :func:`add_options` or ``parser.add_argument``. A bare ``--config NAME`` is also looked up
-    in ``config_dirs``."""
+                 config_dirs: Sequence[str] = (),
+                 skip: Sequence[str] = ()) -> configargparse.ArgumentParser:
+    """The options every script shares (:class:`RunOptions`, less those in ``skip``);
+    scripts add their own with :func:`add_options` or ``parser.add_argument``. A bare
+    ``--config NAME`` is also looked up in ``config_dirs``."""
     p = ArgumentParser(
         description=description,
         config_file_parser_class=configargparse.DefaultConfigFileParser,
@@ -194,7 +197,7 @@ def build_parser(description: str, default_config: Optional[str] = None,
     where = " or in " + ", ".join(p.config_dirs) if p.config_dirs else ""
     p.add_argument("--config", is_config_file=True,
                    help=f"config file: a path from the working folder{where}")
-    add_options(p, RunOptions, skip=() if psnr_target else ("target_psnr",))
+    add_options(p, RunOptions, skip=tuple(skip) + (() if psnr_target else ("target_psnr",)))
     if default_config:
         p.set_defaults(config=default_config)
     return p

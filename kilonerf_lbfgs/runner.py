@@ -52,7 +52,7 @@ def make_model(args, n_cells: int, d_in: int, d_out: int, device) -> MultiMLP:
 def fit_config_from_args(args, target: Optional[float] = None, desc: str = "") -> FitConfig:
     return FitConfig(optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule,
                      history_size=args.history_size, line_search=args.line_search,
-                     max_seconds=args.max_seconds, target=target,
+                     max_seconds=args.max_seconds, max_evals=args.max_evals, target=target,
                      ckpt_path=os.path.join(args.out_dir, "checkpoint.pt"),
                      ckpt_every=args.ckpt_every, progress=not args.no_progress, desc=desc)
 

@@ -49,7 +49,8 @@ def load_trained(path: str, device):
 
 
 def main():
-    p = build_parser(__doc__, psnr_target=False, config_dirs=[CONFIGS])
+    p = build_parser(__doc__, psnr_target=False, config_dirs=[CONFIGS],
+                     skip=("max_evals",))
     add_nerf_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint (default: OUT_DIR/checkpoint.pt)")
     p.add_argument("--n_frames", type=int, default=60)

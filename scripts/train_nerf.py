@@ -23,7 +23,7 @@ CONFIGS = os.path.join(REPO, "configs")
 
 
 def main():
-    p = build_parser(__doc__, config_dirs=[CONFIGS])
+    p = build_parser(__doc__, config_dirs=[CONFIGS], skip=("max_evals",))
     add_nerf_args(p)
     args = parse_args(p)
     device = setup_run(args)

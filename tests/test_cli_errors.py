@@ -97,7 +97,11 @@ def test_nerf_bad_values_name_the_flag(script, tmp_path):
     _one_line_error(script("train_nerf.py", "--config", cfg), "--teacher_fraction", "1.5")
     for args, flag in [(["--route", "sideways"], "--route"), (["--downsample", "0"],
                        "--downsample"), (["--teacher", "oak"], "--teacher"),
-                       (["--aabb", "1", "1", "1", "0", "2", "2"], "--aabb")]:
+                       (["--aabb", "1", "1", "1", "0", "2", "2"], "--aabb"),
+                       (["--grid_res", "100"], "--grid_res"), (["--grid_res", "0"], "--grid_res"),
+                       (["--distill_sampling", "everywhere"], "--distill_sampling"),
+                       (["--distill_uniform_per_cell", "0"], "--distill_uniform_per_cell"),
+                       (["--optimizer", "sgd"], "--optimizer")]:
         _one_line_error(script("train_nerf.py", "--config", "demo.txt", "--demo_size", 8,
                                "--datadir", tmp_path / "demo", *args, cwd=tmp_path), flag)
 

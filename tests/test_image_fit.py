@@ -149,3 +149,9 @@ def test_fit_image_script_outputs_and_resume(script, tmp_path):
     assert m2["function_evals"] > m["function_evals"]
     assert m2["history"][:len(m["history"])] == m["history"]
     assert m2["psnr"] >= m["psnr"] - 0.01
+    # --max_evals: a budget in function evaluations (counted over the resumed run too)
+    budget = m2["function_evals"] + 10
+    r3 = script("fit_image.py", *args, "--max_seconds", 600, "--max_evals", budget, "--resume")
+    assert r3.returncode == 0, r3.stderr
+    m3 = json.loads((out / "metrics.json").read_text())
+    assert budget <= m3["function_evals"] <= budget + 4        # L-BFGS steps of 5 evaluations

@@ -60,7 +60,8 @@ class NerfOptions:
     step_size: float = dc_field(default=0.0, metadata={
         "help": "marching step (0: box diagonal / 256)", "min": 0})
     grid_res: int = dc_field(default=16, metadata={
-        "help": "KiloNeRF cells per axis", "positive": True})
+        "help": "KiloNeRF cells per axis (1 to 64: 64^3 = 262k tiny networks)",
+        "positive": True, "max": 64})
     width: int = dc_field(default=32, metadata={
         "help": "hidden width per cell network", "positive": True})
     depth: int = dc_field(default=3, metadata={
@@ -76,7 +77,7 @@ class NerfOptions:
     head_omega: float = dc_field(default=5.0, metadata={
         "help": "sine frequency of the colour head", "positive": True})
     occ_res: int = dc_field(default=64, metadata={
-        "help": "occupancy grid voxels per axis", "positive": True})
+        "help": "occupancy grid voxels per axis (1 to 512)", "positive": True, "max": 512})
     occ_threshold: float = dc_field(default=0.01, metadata={
         "help": "a voxel is occupied when one marching step there has alpha above this",
         "min": 0, "max": 1})

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Distillation sampling study: teacher ray samples vs uniform points in each cell (a fixed
+set, or drawn afresh every step), BatchedLBFGS vs Adam, held-out quality (see
+benchmarks/nerf_distill_sampling.py).
+
+    python scripts/benchmark_distill_sampling.py [--quick] [--contenders NAME ...] [--datadir PATH]
+    python scripts/benchmark_distill_sampling.py --record docs/results/nerf_distill_sampling.json \
+        --from bench/a.json bench/b.json      # a docs/results record from finished runs
+
+Runs on ../shared/data/nerf_synthetic/lego unless --datadir is given; caches the teacher in
+bench/ and writes bench/nerf_distill_sampling[_quick].json (or --out PATH).
+"""
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import configargparse
+import torch
+
+# the races live beside the library (benchmarks/), not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.nerf_distill_sampling import (CONTENDERS, PRESETS, format_table,  # noqa: E402
+                                              merge_reports, results_record, run_study)
+from benchmarks.presets import SHARED_DATA, preset_spec, require_data  # noqa: E402
+from kilonerf_lbfgs.config import UserError, for_option, parse_args, run_main  # noqa: E402
+from kilonerf_lbfgs.io import save_json  # noqa: E402
+
+
+def machine() -> str:
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, {gib:.0f} GiB, "
+            f"torch {torch.__version__}")
+
+
+def main():
+    p = configargparse.ArgumentParser(description=__doc__,
+                                      formatter_class=configargparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="lego", choices=list(PRESETS))
+    p.add_argument("--quick", action="store_true", help="fewer cells, a shorter budget")
+    p.add_argument("--datadir", default=os.path.join(SHARED_DATA, "nerf_synthetic", "lego"))
+    p.add_argument("--contenders", nargs="+", default=None, choices=list(CONTENDERS))
+    p.add_argument("--budget", type=float, default=None, help="seconds per contender")
+    p.add_argument("--out", default=None)
+    p.add_argument("--record", default=None,
+                   help="write a docs/results record from the --from JSON files and stop")
+    p.add_argument("--from", dest="sources", nargs="+", default=None)
+    p.add_argument("--command", default=None, help="the command(s) the record states")
+    p.add_argument("--note", action="append", default=[], help="a note for the record")
+    args = parse_args(p)
+    if args.record:
+        if not args.sources:
+            raise UserError("--record needs --from FILE ...")
+        reports = []
+        for path in args.sources:
+            with for_option("--from", path), open(path) as f:
+                reports.append(json.load(f))
+        rep = merge_reports(reports)
+        threads = {r.get("threads") for r in reports}
+        date = datetime.datetime.fromtimestamp(os.path.getmtime(args.sources[0])).date()
+        rec = results_record(rep, args.command or "python scripts/benchmark_distill_sampling.py",
+                             str(date), machine(),
+                             f"{threads.pop()} per process" if len(threads) == 1 else str(threads),
+                             args.note)
+        save_json(args.record, rec)
+        print(f"wrote {args.record}")
+        return
+    require_data(args.datadir, "--datadir")
+    spec = preset_spec(PRESETS, args.preset, args.quick)
+    with for_option("--datadir", args.datadir):
+        rep = run_study(args.datadir, spec, args.contenders, args.budget)
+    rep.update(preset=args.preset, quick=args.quick, datadir=args.datadir,
+               threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
+    out = args.out or os.path.join(
+        "bench", f"nerf_distill_sampling{'_quick' if args.quick else ''}.json")
+    save_json(out, rep)
+    print(format_table(rep))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
