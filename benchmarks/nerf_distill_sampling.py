@@ -268,12 +268,13 @@ def results_record(rep: Dict, command: str, date: str, machine: str, threads: st
     ratio_rows = []
     for x in t:
         lb, ad = best_of(rep, "lbfgs", x), best_of(rep, "adam", x)
-        ratio = None if lb is None or ad is None else round(ad[1] / lb[1], 2)
+        ratio = None if lb is None or ad is None or lb[1] <= 0 else round(ad[1] / lb[1], 2)
         ratio_rows.append([f"{x} dB", lb[0] if lb else "none reaches it",
                            round(lb[1], 1) if lb else None, ad[0] if ad else "none reaches it",
                            round(ad[1], 1) if ad else None,
-                           ratio if ratio is not None else ("L-BFGS misses" if lb is None
-                                                            else "Adam misses")])
+                           ratio if ratio is not None else (
+                               "L-BFGS misses" if lb is None else
+                               "Adam misses" if ad is None else "at the start")])
     spec = rep["spec"]
     return {
         "title": "NeRF distillation: sample regime and optimiser (held-out quality)",
