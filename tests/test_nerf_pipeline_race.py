@@ -105,3 +105,23 @@ def test_tiny_pipeline_race_and_unknown_contender(scene):
     assert "direct_adam" in table and "s to 12.0 dB" in table
     with pytest.raises(UserError, match="--contenders"):
         run_pipeline_race(scene, spec, seeds=[0], contenders=["sgd"])
+
+
+def test_pipeline_record_merges_runs_and_states_speedups():
+    from benchmarks.nerf_pipeline import merge_pipeline_reports, pipeline_record
+
+    def entry(name, t24, t28, end):
+        return {"contender": name, "options": {"route": "direct", "optimizer": "adam"},
+                "median_seconds_to_target": {"24.0": t24, "28.0": t28},
+                "median_psnr_at_budget": end, "function_evals": [10]}
+    common = {"targets": [24.0, 28.0], "seeds": [0], "budget_seconds": 600.0,
+              "probe_every": 30.0, "n_test_views": 25, "image_size": [100, 100]}
+    a = {**common, "results": [entry("direct_adam", 100.0, None, 27.5)]}
+    b = {**common, "results": [entry("distill_x", 50.0, 400.0, 28.4)]}
+    rec = pipeline_record(merge_pipeline_reports([a, b]), "t", "cmd", "d", "m", "1")
+    assert [r[0] for r in rec["rows"]] == ["direct_adam", "distill_x"]
+    assert rec["rows"][0][3:5] == [100.0, "miss"]
+    # 2x faster to 24 dB; direct_adam misses 28 dB: a lower bound at the budget (600 / 400)
+    assert rec["tables"][0]["rows"] == [["distill_x", "2.00x", ">1.50x"]]
+    with pytest.raises(ValueError, match="same race settings"):
+        merge_pipeline_reports([a, {**b, "budget_seconds": 60.0}])
