@@ -37,6 +37,9 @@ CONTENDERS: Dict[str, Dict] = {
     "distill_adam": dict(route="distill", optimizer="adam", lr=3e-3),
     "direct_adam": dict(route="direct", optimizer="adam"),
     "direct_batched_lbfgs": dict(route="direct", optimizer="lbfgs"),
+    # coupled L-BFGS on 4x larger ray batches, 10 evaluations on each
+    "direct_batched_lbfgs_big_batch": dict(route="direct", optimizer="lbfgs",
+                                           batch_rays=16384, evals_per_step=10),
     # distillation on uniform points drawn afresh every step (benchmarks/nerf_distill_sampling:
     # the sample regime that generalises); each optimiser with its best setting there
     "distill_fresh_batched_lbfgs": dict(route="distill", optimizer="lbfgs",

@@ -170,8 +170,12 @@ def fixed_sample_loss(model: nn.Module, marcher, rays_o: torch.Tensor, rays_d: t
 
 
 def _lbfgs_step(model, marcher, o, d, c, rs: RenderSettings, opt, state: LoopState):
-    """One coupled BatchedLBFGS step on a fixed batch with fixed samples."""
+    """One coupled BatchedLBFGS step on a fixed batch with fixed samples. Each batch is a new
+    objective: the optimiser first evaluates it at the current point, so its line search
+    compares values of one function and every curvature pair comes from one batch (the
+    pairs of earlier batches are kept)."""
     loss_fn = fixed_sample_loss(model, marcher, o, d, c, rs)
+    opt.new_objective(keep_history=True)
 
     def closure():
         opt.zero_grad(set_to_none=False)
