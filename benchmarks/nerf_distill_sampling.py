@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks import records
 from benchmarks.race import first_time_reaching
 from kilonerf_lbfgs.fitting import Callback, FitConfig, fit
 from kilonerf_lbfgs.grid import CellGrid
@@ -241,13 +242,8 @@ def best_of(rep: Dict, optimizer: str, target: float) -> Optional[tuple]:
 
 def merge_reports(reports: Sequence[Dict]) -> Dict:
     """Several runs of the study on one setup (e.g. contenders split over two processes)."""
-    keys = ("targets", "budget_seconds", "n_cells_studied", "params_per_cell")
-    for r in reports[1:]:
-        if any(r[k] != reports[0][k] for k in keys):
-            raise ValueError("the reports were not made with the same setup")
-    out = dict(reports[0])
-    out["contenders"] = {k: v for r in reports for k, v in r["contenders"].items()}
-    return out
+    return records.merge_reports(reports, ("targets", "budget_seconds", "n_cells_studied",
+                                           "params_per_cell"), "contenders")
 
 
 def results_record(rep: Dict, command: str, date: str, machine: str, threads: str,

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
+from benchmarks import records
 from benchmarks.nerf_distill import LEGO_BOX
 from benchmarks.race import ratio_cells, results_table, summarise
 from kilonerf_lbfgs.config import UserError
@@ -146,13 +147,8 @@ def format_pipeline_tables(report: Dict) -> str:
 
 def merge_pipeline_reports(reports: Sequence[Dict]) -> Dict:
     """Pipeline races run side by side (contenders split over processes) as one report."""
-    keys = ("targets", "seeds", "budget_seconds", "probe_every", "n_test_views", "image_size")
-    for r in reports[1:]:
-        if any(r.get(k) != reports[0].get(k) for k in keys):
-            raise ValueError("the reports were not made with the same race settings")
-    out = dict(reports[0])
-    out["results"] = [e for r in reports for e in r["results"]]
-    return out
+    return records.merge_reports(reports, ("targets", "seeds", "budget_seconds", "probe_every",
+                                           "n_test_views", "image_size"), "results")
 
 
 def pipeline_record(rep: Dict, title: str, command: str, date: str, machine: str,

@@ -10,15 +10,11 @@ benchmarks/nerf_distill_sampling.py).
 Runs on ../shared/data/nerf_synthetic/lego unless --datadir is given; caches the teacher in
 bench/ and writes bench/nerf_distill_sampling[_quick].json (or --out PATH).
 """
-import datetime
-import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 import configargparse
-import torch
 
 # the races live beside the library (benchmarks/), not in the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,14 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.nerf_distill_sampling import (CONTENDERS, PRESETS, format_table,  # noqa: E402
                                               merge_reports, results_record, run_study)
 from benchmarks.presets import SHARED_DATA, preset_spec, require_data  # noqa: E402
-from kilonerf_lbfgs.config import UserError, for_option, parse_args, run_main  # noqa: E402
+from benchmarks.records import add_record_args, write_record  # noqa: E402
+from kilonerf_lbfgs.config import for_option, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
-
-
-def machine() -> str:
-    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, {gib:.0f} GiB, "
-            f"torch {torch.__version__}")
 
 
 def main():
@@ -45,28 +36,11 @@ def main():
     p.add_argument("--contenders", nargs="+", default=None, choices=list(CONTENDERS))
     p.add_argument("--budget", type=float, default=None, help="seconds per contender")
     p.add_argument("--out", default=None)
-    p.add_argument("--record", default=None,
-                   help="write a docs/results record from the --from JSON files and stop")
-    p.add_argument("--from", dest="sources", nargs="+", default=None)
-    p.add_argument("--command", default=None, help="the command(s) the record states")
-    p.add_argument("--note", action="append", default=[], help="a note for the record")
+    add_record_args(p)
     args = parse_args(p)
     if args.record:
-        if not args.sources:
-            raise UserError("--record needs --from FILE ...")
-        reports = []
-        for path in args.sources:
-            with for_option("--from", path), open(path) as f:
-                reports.append(json.load(f))
-        rep = merge_reports(reports)
-        threads = {r.get("threads") for r in reports}
-        date = datetime.datetime.fromtimestamp(os.path.getmtime(args.sources[0])).date()
-        rec = results_record(rep, args.command or "python scripts/benchmark_distill_sampling.py",
-                             str(date), machine(),
-                             f"{threads.pop()} per process" if len(threads) == 1 else str(threads),
-                             args.note)
-        save_json(args.record, rec)
-        print(f"wrote {args.record}")
+        write_record(args, merge_reports, results_record,
+                     "python scripts/benchmark_distill_sampling.py")
         return
     require_data(args.datadir, "--datadir")
     spec = preset_spec(PRESETS, args.preset, args.quick)

@@ -11,10 +11,7 @@ curves beside it. Audio, video, shape and NeRF use ../shared/data (audio/gt_bach
 video/bikes.mp4, meshes/armadillo.obj, nerf_synthetic/lego); --audio, --video, --mesh and
 --datadir PATH replace them.
 """
-import datetime
-import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -27,32 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.presets import (MODALITIES, PRESETS, SHARED_DATA,  # noqa: E402
                                 preset_spec, require_data, study_races)
 from benchmarks.race import Race, adam_rank_key, format_tables, run_race  # noqa: E402
-from kilonerf_lbfgs.config import (UserError, for_option, parse_args,  # noqa: E402
-                                   require_positive, run_main)
+from benchmarks.records import add_record_args, write_record  # noqa: E402
+from kilonerf_lbfgs.config import (UserError, parse_args, require_positive,  # noqa: E402
+                                   run_main)
 from kilonerf_lbfgs.io import plot_convergence, save_json  # noqa: E402
-
-
-def write_record(args) -> None:
-    """A docs/results record from finished nerf pipeline races (run side by side)."""
-    from benchmarks.nerf_pipeline import merge_pipeline_reports, pipeline_record
-    if not args.sources:
-        raise UserError("--record needs --from FILE ...")
-    reports = []
-    for path in args.sources:
-        with for_option("--from", path), open(path) as f:
-            reports.append(json.load(f))
-    rep = merge_pipeline_reports(reports)
-    threads = sorted({r.get("threads") for r in reports})
-    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    machine = (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, {gib:.0f} GiB, "
-               f"torch {torch.__version__}")
-    date = datetime.datetime.fromtimestamp(os.path.getmtime(args.sources[0])).date()
-    rec = pipeline_record(rep, args.title, args.command or "python scripts/"
-                          "benchmark_optimizers.py --modality nerf", str(date), machine,
-                          f"{threads[0]} per process" if len(threads) == 1 else str(threads),
-                          args.note)
-    save_json(args.record, rec)
-    print(f"wrote {args.record}")
 
 
 def main():
@@ -85,16 +60,13 @@ def main():
                    help="nerf, nerf_distill: the scene folder (default "
                         "../shared/data/nerf_synthetic/lego)")
     p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
-    p.add_argument("--record", default=None,
-                   help="nerf: write a docs/results record from the --from race JSON files "
-                        "and stop")
-    p.add_argument("--from", dest="sources", nargs="+", default=None)
-    p.add_argument("--title", default="NeRF whole-pipeline race")
-    p.add_argument("--command", default=None, help="the command(s) the record states")
-    p.add_argument("--note", action="append", default=[], help="a note for the record")
+    add_record_args(p)                  # nerf: a docs/results record from finished races
+    p.add_argument("--title", default="NeRF whole-pipeline race", help="the record's title")
     args = parse_args(p)
     if args.record:
-        write_record(args)
+        from benchmarks.nerf_pipeline import merge_pipeline_reports, pipeline_record
+        write_record(args, merge_pipeline_reports, pipeline_record,
+                     "python scripts/benchmark_optimizers.py --modality nerf", title=args.title)
         return
     preset = args.preset or PRESETS[args.modality][0]
     if preset not in PRESETS[args.modality]:

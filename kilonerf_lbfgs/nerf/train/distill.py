@@ -150,9 +150,9 @@ class DistillProblem(CellProblem):
 
     def __init__(self, samples: DistillSamples, step_size: float,
                  nets: Optional[torch.Tensor] = None):
-        self.samples, self.step_size, self.nets = samples, float(step_size), nets
+        self.step_size, self.nets = float(step_size), nets
         self.n_cells = int(samples.counts.numel())
-        self.weight = samples.mask.float() / samples.counts.clamp(min=1).float()[:, None]
+        self.set_samples(samples)
 
     def cell_losses(self, field: KiloNeRFField) -> torch.Tensor:
         s = self.samples

@@ -1,0 +1,66 @@
+"""docs/results records from finished benchmark runs: merging runs made side by side, the
+run's date, machine and threads, and the ``--record`` options the benchmark scripts share."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from typing import Callable, Dict, Sequence
+
+import torch
+
+from kilonerf_lbfgs.config import UserError, for_option
+from kilonerf_lbfgs.io import save_json
+
+
+def merge_reports(reports: Sequence[Dict], same: Sequence[str], field: str) -> Dict:
+    """Runs of one benchmark made side by side (contenders split over processes) as one
+    report: the keys ``same`` must agree; ``field`` (a dict or a list of contenders) is
+    joined over the runs."""
+    for r in reports[1:]:
+        differ = [k for k in same if r.get(k) != reports[0].get(k)]
+        if differ:
+            raise ValueError(f"the reports were not made with the same race settings "
+                             f"({', '.join(differ)} differ)")
+    out = dict(reports[0])
+    parts = [r[field] for r in reports]
+    out[field] = ({k: v for p in parts for k, v in p.items()} if isinstance(parts[0], dict)
+                  else [e for p in parts for e in p])
+    return out
+
+
+def machine() -> str:
+    """This machine, as the records state it."""
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, {gib:.0f} GiB, "
+            f"torch {torch.__version__}")
+
+
+def add_record_args(parser) -> None:
+    parser.add_argument("--record", default=None,
+                        help="write a docs/results record from the --from JSON files and stop")
+    parser.add_argument("--from", dest="sources", nargs="+", default=None)
+    parser.add_argument("--command", default=None, help="the command(s) the record states")
+    parser.add_argument("--note", action="append", default=[], help="a note for the record")
+
+
+def write_record(args, merge: Callable[[Sequence[Dict]], Dict],
+                 to_record: Callable[..., Dict], default_command: str, **kw) -> None:
+    """Read ``args.sources``, merge them, and write ``to_record(report, command=, date=,
+    machine=, threads=, notes=, **kw)`` to ``args.record``. The date is the first source's
+    modification date (when the run finished)."""
+    if not args.sources:
+        raise UserError("--record needs --from FILE ...")
+    reports = []
+    for path in args.sources:
+        with for_option("--from", path), open(path) as f:
+            reports.append(json.load(f))
+    threads = sorted({str(r.get("threads")) for r in reports})
+    date = datetime.datetime.fromtimestamp(os.path.getmtime(args.sources[0])).date()
+    rec = to_record(merge(reports), command=args.command or default_command, date=str(date),
+                    machine=machine(), notes=args.note,
+                    threads=f"{threads[0]} per process" if len(threads) == 1 else str(threads),
+                    **kw)
+    save_json(args.record, rec)
+    print(f"wrote {args.record}")
