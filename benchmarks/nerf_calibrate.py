@@ -43,7 +43,8 @@ def distill_snapshots(setup: DistillSetup, levels: Sequence[float], max_seconds:
             cfg = FitConfig(optimizer="lbfgs", history_size=history_size, max_seconds=max_seconds,
                             max_evals=max_evals and max_evals + (resume or {}).get(
                                 "function_evals", 0),
-                            target=level, progress=False, ckpt_path=ckpt, ckpt_every=1e18)
+                            target=level, progress=False, ckpt_path=ckpt, ckpt_every=1e18,
+                            keep_best=False)
             res = fit(field, setup.problem, cfg, resume=resume)
             resume = load_checkpoint(ckpt)
             snap = {"level": level if res.reached_target else None,

@@ -177,7 +177,8 @@ def run_contender(name: str, setup: Dict, spec: Dict, budget: float, seed: int =
     probe = HeldOutProbe(setup["held_out"], field, spec["probe_every"])
     callbacks.append(probe)
     cfg = FitConfig(optimizer=c["optimizer"], lr=c.get("lr"), history_size=20,
-                    evals_per_step=c.get("evals", 5), max_seconds=budget, progress=False)
+                    evals_per_step=c.get("evals", 5), max_seconds=budget, progress=False,
+                    keep_best=False)
     res = fit(field, problem, cfg, callbacks=callbacks)
     h = probe.history
     return {"options": c, "seconds": res.train_seconds, "evals": res.function_evals,

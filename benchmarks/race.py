@@ -53,6 +53,9 @@ class Race:
     per_cell_lbfgs: FitConfig = field(default_factory=lambda: FitConfig(
         optimizer="torch_lbfgs", history_size=100, evals_per_step=20))
     log: Callable[[str], None] = print
+    # callbacks every fit contender runs with, built afresh per run (e.g. fresh training
+    # samples, the same sequence of draws for every contender and seed)
+    fit_callbacks: Callable[[], List[Callback]] = list
 
 
 def first_time_reaching(history: List[List[float]], target: float) -> Optional[float]:
@@ -77,9 +80,11 @@ def race_callbacks(cfg: FitConfig, budget: float) -> List[Callback]:
 
 def _run_fit(race: Race, cfg: FitConfig, seed: int) -> Dict:
     model = race.make_model(seed)
-    rules = FitConfig(max_seconds=race.budget, target=max(race.targets), progress=False)
+    # the race reports each step's quality as measured: no keep_best
+    rules = FitConfig(max_seconds=race.budget, target=max(race.targets), progress=False,
+                      keep_best=False)
     res = fit(model, race.problem, rules, optimizer=lambda params: make_optimizer(cfg, params),
-              callbacks=race_callbacks(cfg, race.budget))
+              callbacks=race_callbacks(cfg, race.budget) + race.fit_callbacks())
     return {"history": res.history, "quality": res.quality, "evals": res.function_evals,
             "seconds": res.train_seconds}
 

@@ -171,6 +171,8 @@ class RunOptions:
     target_psnr: Optional[float] = option(None, "stop as soon as this PSNR (dB) is reached")
     ckpt_every: float = option(30.0, "seconds of training between checkpoints", positive=True)
     resume: bool = option(False, "continue from OUT_DIR/checkpoint.pt if it exists")
+    no_keep_best: bool = option(False, "end on the last parameters, not on those of the best "
+                                       "quality seen during the run")
     no_progress: bool = option(False, "no progress bar")
 
 

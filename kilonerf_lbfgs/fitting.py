@@ -4,7 +4,10 @@ A modality supplies a :class:`CellProblem`: how to compute the per-cell losses o
 (with their backward pass) and how to turn per-cell losses into a quality number. The loop
 times only the optimiser steps (closure evaluations included), reads the quality from the
 losses the step produced (no extra evaluation), shows a tqdm bar with the quality, and
-writes atomic checkpoints that ``resume`` continues from.
+writes atomic checkpoints that ``resume`` continues from. It keeps the parameters of the
+best quality seen (``FitConfig.keep_best``, untimed copies) and ends on them when the fit got
+worse later, e.g. a held-out quality that falls as a fit overfits, or a diverged step; the
+checkpoint holds both the last point (which a resume continues from) and the best.
 
 The loop knows only the ``torch.optim.Optimizer`` interface (``step(closure)``,
 ``zero_grad``, ``param_groups``, ``state_dict``). Everything else is a callback:
@@ -89,6 +92,7 @@ class FitConfig:
     max_evals: int = 0                  # > 0: also stop after this many closure evaluations
                                         # (a budget that does not depend on the machine)
     target: Optional[float] = None      # stop when quality >= target
+    keep_best: bool = True              # end on the parameters of the best quality seen
     ckpt_path: Optional[str] = None
     ckpt_every: float = 30.0            # seconds of training between checkpoints
     progress: bool = True
@@ -105,6 +109,12 @@ class FitResult:
     quality: float = float("nan")
     reached_target: bool = False
     stopped: str = "budget"             # budget | target | diverged | converged | a callback's
+    # the best quality seen and when (FitConfig.keep_best: the model ends on its parameters,
+    # and ``quality`` is then re-measured on them)
+    best_quality: float = float("nan")
+    best_seconds: float = float("nan")
+    best_evals: int = 0
+    final_quality: float = float("nan")  # the quality at the last step
 
 
 @dataclass
@@ -248,6 +258,43 @@ class StopWhenConverged(Callback):
             state.result.iterations = int(st["n_iters"].float().mean().round())
 
 
+class Resample(Callback):
+    """Fresh training samples during the fit: before a step (never the first) once at least
+    ``every`` closure evaluations were spent on the current draw, ``draw()`` replaces the
+    problem's samples with a new draw from the same distribution (counting evaluations
+    treats an optimiser of one evaluation per step, such as Adam, and one of several, such
+    as L-BFGS, alike), and an optimiser with ``new_objective``
+    (:class:`~kilonerf_lbfgs.optim.BatchedLBFGS`) is told, so its line searches restart on
+    the new samples; its curvature pairs, each measured on one draw, are kept when
+    ``keep_history``. Drawing (and labelling) samples is training work: the hook is timed.
+
+    A fixed sample set of a continuous signal is overfitted, and the better optimiser of the
+    training loss overfits it first; fresh draws are not.
+    """
+
+    timed = True
+
+    def __init__(self, draw: Callable[[], None], every: int = 5, keep_history: bool = True):
+        if every < 1:
+            raise ValueError(f"Resample: every must be >= 1 evaluation, got {every}")
+        self.draw, self.every, self.keep_history = draw, int(every), bool(keep_history)
+        self.draws = 0
+        self._since = None          # evaluations count at the current draw
+
+    def on_step_begin(self, state: FitState) -> None:
+        evals = state.result.function_evals
+        if self._since is None:     # the problem's own samples serve the first steps
+            self._since = evals
+            return
+        if evals - self._since < self.every:
+            return
+        self.draw()
+        self.draws += 1
+        self._since = evals
+        if hasattr(state.optimizer, "new_objective"):
+            state.optimizer.new_objective(keep_history=self.keep_history)
+
+
 def make_optimizer(cfg: FitConfig, params) -> Optimizer:
     """The optimiser ``cfg.optimizer`` names, with ``cfg``'s settings."""
     params = list(params)
@@ -346,6 +393,15 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
         res.history = [list(h) for h in resume["history"]]
     state = FitState(model, opt, problem, cfg, res)
     state.quality = res.history[-1][1] if res.history else float("nan")
+    best: Dict = {"quality": -math.inf, "seconds": math.nan, "evals": 0, "model": None}
+    if resume is not None and resume.get("best") is not None:
+        best.update(resume["best"])
+
+    def remember_if_best():
+        if cfg.keep_best and math.isfinite(state.quality) and state.quality > best["quality"]:
+            best.update(quality=state.quality, seconds=res.train_seconds,
+                        evals=counters["evals"],
+                        model={k: v.detach().clone() for k, v in model.state_dict().items()})
 
     def checkpoint():
         if cfg.ckpt_path is None:
@@ -353,7 +409,8 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
         payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                    "train_seconds": res.train_seconds, "steps": res.steps,
                    "function_evals": counters["evals"], "history": res.history,
-                   "fit_config": cfg.__dict__}
+                   "fit_config": cfg.__dict__,
+                   "best": best if best["model"] is not None else None}
         payload.update(extra_ckpt or {})
         save_checkpoint(cfg.ckpt_path, payload)
 
@@ -382,6 +439,7 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
         dt = time.perf_counter() - t0
         res.train_seconds += dt
         res.steps += 1
+        res.function_evals = counters["evals"]
         # the step's own per-cell losses when it reports them, else its last evaluation's
         losses = last["losses"]
         if torch.is_tensor(out) and out.shape == losses.shape:
@@ -391,6 +449,7 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
             h.on_step_end(state)
         quality = state.quality
         res.history.append([res.train_seconds, quality])
+        remember_if_best()
         if bar is not None:
             bar.update(min(dt, max(0.0, cfg.max_seconds - bar.n)))
             bar.set_postfix_str(f"{problem.quality_name} {quality:.2f}")
@@ -416,11 +475,27 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
     for h in hooks:
         h.on_fit_end(state)
     if res.stopped != "diverged":
-        checkpoint()
+        checkpoint()                 # the last point, so that a resume continues from it
+    res.final_quality = res.quality
+    if best["model"] is not None:
+        res.best_quality, res.best_seconds = best["quality"], best["seconds"]
+        res.best_evals = best["evals"]
+        if not res.quality >= best["quality"]:     # a worse (or non-finite) end
+            last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(best["model"])
+            # the quality of the parameters the model ends on, measured (untimed): an
+            # optimiser that evaluates before it updates (Adam) reported its best step's
+            # quality one update earlier
+            with torch.no_grad():
+                exact = problem.quality(problem.cell_losses(model).detach())
+            if exact >= res.final_quality or not math.isfinite(res.final_quality):
+                res.quality = exact
+            else:
+                model.load_state_dict(last)
     return res
 
 
 __all__ = ["CellProblem", "FitConfig", "FitResult", "FitState", "Callback", "CosineLR",
-           "ExactQuality", "StopWhenConverged", "as_callback", "make_optimizer",
+           "ExactQuality", "StopWhenConverged", "Resample", "as_callback", "make_optimizer",
            "optimizer_from_config", "wants_per_cell_losses", "fit", "OPTIMIZERS",
            "LR_SCHEDULES"]

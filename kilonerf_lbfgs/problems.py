@@ -36,15 +36,24 @@ class PackedMSEProblem(CellProblem):
 
     def __init__(self, packed: PackedSamples, data_range: float = 1.0,
                  cells: Optional[torch.Tensor] = None, chunk_cells: Optional[int] = None):
-        self.packed = packed
         self.data_range = data_range
         self.cells = cells
         self.chunk_cells = chunk_cells
+        self.set_packed(packed)
+
+    def set_packed(self, packed: PackedSamples) -> None:
+        """Replace the samples (e.g. a fresh draw from the same distribution; the number of
+        samples per cell may change, the cells may not)."""
+        if hasattr(self, "packed") and packed.n_cells != self.packed.n_cells:
+            raise ValueError(f"set_packed: {packed.n_cells} cells, the problem has "
+                             f"{self.packed.n_cells}")
+        self.packed = packed
         x = packed.x
         # equal cells see the same local coordinates: evaluate them as one shared set
         self.x_eval = x[:1] if packed.mask is None and bool((x == x[:1]).all()) else x
         self.groups: Optional[GroupedSamples] = None
         real = int(packed.counts.sum())
+        chunk_cells = self.chunk_cells
         if packed.mask is not None and (chunk_cells is None or chunk_cells >= packed.n_cells) \
                 and packed.mask.numel() > self.REGROUP_WASTE * max(real, 1):
             self.groups = regroup(packed)

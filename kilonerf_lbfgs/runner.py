@@ -53,17 +53,22 @@ def fit_config_from_args(args, target: Optional[float] = None, desc: str = "") -
     return FitConfig(optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule,
                      history_size=args.history_size, line_search=args.line_search,
                      max_seconds=args.max_seconds, max_evals=args.max_evals, target=target,
+                     keep_best=not getattr(args, "no_keep_best", False),
                      ckpt_path=os.path.join(args.out_dir, "checkpoint.pt"),
                      ckpt_every=args.ckpt_every, progress=not args.no_progress, desc=desc)
 
 
 def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
             target: Optional[float] = None,
-            export: Optional[Callable[[MultiMLP], Dict]] = None) -> Dict:
+            export: Optional[Callable[[MultiMLP], Dict]] = None,
+            callbacks=()) -> Dict:
     """Fit (resuming if asked), then write ``metrics.json`` and ``convergence.png``.
 
-    ``export(model)`` writes the modality's reconstruction and returns its final metrics
-    (e.g. ``{"psnr": .., "ssim": ..}``) which go into ``metrics.json``.
+    The model ends on the parameters of the best quality seen (unless ``--no_keep_best``);
+    ``metrics.json`` says when that was (``best_seconds``, ``best_evals``) and what the
+    last step's quality was (``final_<quality>``). ``export(model)`` writes the modality's
+    reconstruction and returns its final metrics (e.g. ``{"psnr": .., "ssim": ..}``), which
+    go into ``metrics.json``. ``callbacks`` go to :func:`~kilonerf_lbfgs.fitting.fit`.
     """
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
@@ -80,13 +85,16 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
     cfg = fit_config_from_args(args, target, desc=f"{modality} {args.optimizer}")
     extra = {"modality": modality, "n_cells": model.n_cells,
              "params_per_cell": model.params_per_cell, "args": vars(args)}
-    result: FitResult = fit(model, problem, cfg, resume=resume, extra_ckpt=extra)
+    result: FitResult = fit(model, problem, cfg, resume=resume, extra_ckpt=extra,
+                            callbacks=callbacks)
     metrics = {
         "modality": modality, "optimizer": args.optimizer,
         "device": str(next(model.parameters()).device), "seed": args.seed,
         "train_seconds": result.train_seconds, "iterations": result.iterations,
         "function_evals": result.function_evals, "stopped": result.stopped,
         problem.quality_name: result.quality,
+        f"final_{problem.quality_name}": result.final_quality,
+        "best_seconds": result.best_seconds, "best_evals": result.best_evals,
         "history": result.history,
         "n_cells": model.n_cells, "params_per_cell": model.params_per_cell,
         "params_total": model.n_cells * model.params_per_cell,

@@ -1,53 +1,111 @@
 #!/usr/bin/env python
-"""Training loss against held-out IoU on the shape race's problems (quick and full point
-counts): batched L-BFGS and Adam at one rate, the same budget each, one seed.
+"""Does a longer shape fit get better? The default shape config on several meshes, with
+fresh training points (the default) and with one fixed draw: held-out IoU over the run,
+its best and its last step.
 
-    python scripts/benchmark_shape_generalisation.py [--mesh PATH] [--adam_lr 3e-3]
+    python scripts/benchmark_shape_generalisation.py --meshes knot ../shared/data/meshes/bunny.obj \
+        --targets occupancy sdf --sampling fresh fixed --max_seconds 90 --out bench/shape_gen.json
+    python scripts/benchmark_shape_generalisation.py --record docs/results/shape_generalisation.json \
+        --from bench/shape_gen.json
 
-Uses ../shared/data/meshes/armadillo.obj unless --mesh is given; writes
-bench/shape_generalisation.json (or --out PATH) and prints one line per run.
+Each run is ``scripts/fit_shape.py --config configs/shape.txt`` in a subprocess (what a
+user runs), ``--resample_every 0`` for the fixed draw; the rows come from its metrics.json.
 """
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import configargparse
-import torch
 
 # the races live beside the library (benchmarks/), not in the installed package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from benchmarks.presets import shape_race  # noqa: E402
-from kilonerf_lbfgs.config import parse_args, run_main  # noqa: E402
-from kilonerf_lbfgs.fitting import FitConfig, fit  # noqa: E402
+from benchmarks.records import add_record_args, write_record  # noqa: E402
+from kilonerf_lbfgs.config import UserError, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
+
+SAMPLING = {"fresh": [], "fixed": ["--resample_every", "0"]}
+COLUMNS = ["mesh", "target", "sampling", "best_iou", "best_at_s", "last_step_iou",
+           "best_minus_last", "exported_iou", "chamfer", "evals"]
+
+
+def run_one(mesh: str, target: str, sampling: str, seconds: float, out_root: str,
+            threads: int) -> dict:
+    name = f"{Path(mesh).stem}_{target}_{sampling}"
+    out = os.path.join(out_root, name)
+    cmd = [sys.executable, str(ROOT / "scripts" / "fit_shape.py"), "--config",
+           str(ROOT / "configs" / "shape.txt"), "--target", target, "--max_seconds",
+           str(seconds), "--out_dir", out, "--no_progress"] + SAMPLING[sampling]
+    if mesh != "knot":
+        cmd += ["--mesh", mesh]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise UserError(f"{name}: fit_shape.py failed: {r.stderr.strip().splitlines()[-1]}")
+    m = json.loads(Path(out, "metrics.json").read_text())
+    hist = [(s, q) for s, q in m["history"] if q is not None]
+    best_s, best = max(hist, key=lambda h: h[1])
+    last = hist[-1][1]
+    return {"mesh": "torus knot (bundled)" if mesh == "knot" else Path(mesh).name,
+            "target": target, "sampling": sampling, "best_iou": round(best, 4),
+            "best_at_s": round(best_s, 1), "last_step_iou": round(last, 4),
+            "best_minus_last": round(best - last, 4), "exported_iou": round(m["iou"], 4),
+            "chamfer": round(m["chamfer"], 5), "evals": m["function_evals"],
+            "train_seconds": round(m["train_seconds"], 1)}
+
+
+def to_record(report, command, date, machine, threads, notes):
+    rows = [[r[c] for c in COLUMNS] for r in report["rows"]]
+    return {
+        "title": "Shape: does a longer fit get better? Fresh training points against one "
+                 "fixed draw",
+        "command": command, "date": date, "machine": machine, "threads": threads,
+        "conditions": f"scripts/fit_shape.py --config configs/shape.txt (4x4x4 cells, sine "
+                      f"3x32, omega_0 10, batched L-BFGS, 60k training points per draw, half "
+                      f"near the surface), {report['max_seconds']:g} s each, one seed. "
+                      f"fresh: a new draw after every 5 evaluations (the default); fixed: "
+                      f"--resample_every 0. IoU on 50k held-out uniform points after every "
+                      f"step; exported: the parameters of the best step (the default "
+                      f"keep-best), measured again.",
+        "notes": notes,
+        "provenance": "the script's JSON output (bench/, not committed), turned into this "
+                      "record by its --record option",
+        "columns": COLUMNS, "rows": rows}
 
 
 def main():
     p = configargparse.ArgumentParser(description=__doc__,
                                       formatter_class=configargparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mesh", default=None, help="default: the race's armadillo")
-    p.add_argument("--adam_lr", type=float, default=3e-3)
-    p.add_argument("--out", default=os.path.join("bench", "shape_generalisation.json"))
+    p.add_argument("--meshes", nargs="+", default=["knot"],
+                   help="mesh files; knot: the bundled torus knot")
+    p.add_argument("--targets", nargs="+", default=["occupancy"], choices=("occupancy", "sdf"))
+    p.add_argument("--sampling", nargs="+", default=["fresh", "fixed"], choices=tuple(SAMPLING))
+    p.add_argument("--max_seconds", type=float, default=90.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=os.path.join("bench", "shape_gen.json"))
+    p.add_argument("--runs_dir", default=os.path.join("bench", "shape_gen"))
+    add_record_args(p)
     args = parse_args(p)
+    if args.record:
+        write_record(args, lambda reports: {**reports[0], "rows": [
+            r for rep in reports for r in rep["rows"]]}, to_record,
+            "python scripts/benchmark_shape_generalisation.py")
+        return
+    for m in args.meshes:
+        if m != "knot" and not os.path.isfile(m):
+            raise UserError(f"--meshes: {m} does not exist")
     rows = []
-    for quick in (True, False):
-        race = shape_race(None, quick, [0], data=args.mesh)
-        counts = race.problem.packed.counts.double()
-        for name, cfg in (("batched_lbfgs", FitConfig(optimizer="lbfgs")),
-                          (f"adam_lr={args.adam_lr:g}", FitConfig(optimizer="adam",
-                                                                   lr=args.adam_lr))):
-            model = race.make_model(0)
-            cfg.max_seconds, cfg.progress = race.budget, False
-            res = fit(model, race.problem, cfg)
-            with torch.no_grad():
-                losses = race.problem.cell_losses(model).double()
-            rows.append({"points": int(counts.sum()), "contender": name,
-                         "seconds": res.train_seconds, "evals": res.function_evals,
-                         "train_mse": float((losses * counts).sum() / counts.sum()),
-                         "heldout_iou": res.quality})
-            print(rows[-1], flush=True)
-    save_json(args.out, {"threads": torch.get_num_threads(), "rows": rows})
+    for mesh in args.meshes:
+        for target in args.targets:
+            for sampling in args.sampling:
+                rows.append(run_one(mesh, target, sampling, args.max_seconds, args.runs_dir,
+                                    args.threads))
+                print(json.dumps(rows[-1]), flush=True)
+                save_json(args.out, {"threads": args.threads, "max_seconds": args.max_seconds,
+                                     "rows": rows})
     print(f"wrote {args.out}")
 
 

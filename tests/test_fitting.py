@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kilonerf_lbfgs.fitting import (Callback, CosineLR, ExactQuality, FitConfig, FitResult,
-                                    FitState, fit, make_optimizer, wants_per_cell_losses)
+                                    FitState, Resample, fit, make_optimizer,
+                                    wants_per_cell_losses)
 from kilonerf_lbfgs.multinet import MultiMLP
 from kilonerf_lbfgs.optim import BatchedLBFGS
 from kilonerf_lbfgs.signals.image import ImageProblem
@@ -58,7 +59,8 @@ def test_callback_sees_every_step(optimizer):
     assert rec.calls == ["begin"] + ["step_begin", "step_end"] * 6 + ["end"]
     assert rec.steps == list(range(1, 7))
     assert rec.qualities == [q for _, q in res.history]
-    assert res.quality == rec.qualities[-1]
+    assert res.final_quality == rec.qualities[-1]
+    assert res.best_quality == max(rec.qualities) and res.quality >= res.final_quality
 
 
 def test_explicit_sgd_instance_improves_quality():
@@ -72,7 +74,8 @@ def test_explicit_sgd_instance_improves_quality():
     with torch.no_grad():
         after = problem.quality(problem.cell_losses(model))
     # the history lags one step (SGD reports the loss where its step began)
-    assert res.quality == pytest.approx(res.history[-1][1])
+    assert res.final_quality == pytest.approx(res.history[-1][1])
+    assert res.quality >= res.final_quality
     assert after > before + 5.0, (before, after)
     assert res.quality > before + 5.0
 
@@ -181,3 +184,85 @@ def test_only_timed_callbacks_count_as_training_time():
         secs[timed] = res.train_seconds
     assert secs[True] >= 6 * 0.05
     assert secs[True] - secs[False] >= 6 * 0.05 * 0.5       # the untimed sleeps are not counted
+
+
+class Worsen(Callback):
+    """From step ``at`` on, adds noise to the parameters after each step (untimed) and
+    re-evaluates: the quality falls, as when a fit overfits or diverges."""
+
+    def __init__(self, at, scale=0.3):
+        self.at, self.scale = at, scale
+
+    def on_step_end(self, state):
+        if state.result.steps >= self.at:
+            with torch.no_grad():
+                for p in state.model.parameters():
+                    p.add_(self.scale * torch.randn_like(p))
+                state.set_losses(state.problem.cell_losses(state.model))
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_ends_on_the_best_parameters(keep_best, tmp_path):
+    problem, model = problem_and_model(6)
+    cfg = FitConfig(optimizer="adam", lr=1e-2, keep_best=keep_best,
+                    ckpt_path=str(tmp_path / "ckpt.pt"), **LOOP)
+    res = fit(model, problem, cfg, callbacks=[Worsen(8), Recorder(12)])
+    qualities = [q for _, q in res.history]
+    assert res.final_quality == qualities[-1] < max(qualities) - 1.0
+    with torch.no_grad():
+        now = problem.quality(problem.cell_losses(model))
+    if keep_best:
+        best = int(np.argmax(qualities))
+        assert res.best_quality == max(qualities)
+        assert res.best_seconds == res.history[best][0] and res.best_evals == best + 1
+        # the model ends on the best step's parameters and the quality is measured on them
+        # (Adam reports each step's quality before its update: it is at least as good)
+        assert now == pytest.approx(res.quality, abs=1e-9)
+        assert res.quality > res.final_quality + 1.0
+        # the checkpoint holds the last point (to resume from) and the best one
+        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+        assert ckpt["best"]["quality"] == res.best_quality
+        assert ckpt["history"][-1][1] == res.final_quality
+        # a resumed fit keeps the best seen before it
+        res2 = fit(model, problem, FitConfig(optimizer="adam", lr=1e-2, **LOOP),
+                   resume=ckpt, callbacks=[Worsen(0), Recorder(14)])
+        assert res2.best_quality >= res.best_quality
+    else:
+        assert res.quality == res.final_quality and np.isnan(res.best_quality)
+        assert now == pytest.approx(res.final_quality, abs=1e-6)
+
+
+def test_keep_best_restores_after_divergence():
+    problem, model = problem_and_model(7)
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)     # blows up within a few steps
+    res = fit(model, problem, FitConfig(**LOOP), optimizer=opt, callbacks=[Recorder(50)])
+    assert res.stopped == "diverged"
+    assert np.isfinite(res.quality) and np.isfinite(res.best_quality)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class CountingLBFGS(BatchedLBFGS):
+    def __init__(self, params):
+        super().__init__(params, max_eval=3)
+        self.news = []
+
+    def new_objective(self, keep_history=True):
+        self.news.append(keep_history)
+        super().new_objective(keep_history)
+
+
+@pytest.mark.parametrize("every,keep,steps_per_draw", [(3, True, 1), (7, False, 3)])
+def test_resample_draws_every_n_evaluations_and_tells_lbfgs(every, keep, steps_per_draw):
+    """3 evaluations per L-BFGS step: a draw at every step for every=3, every third step
+    for every=7 (the first step boundary with at least 7 evaluations on the draw)."""
+    problem, model = problem_and_model(8)
+    draws = []
+    opt = CountingLBFGS(model.parameters())
+    res = fit(model, problem, FitConfig(**LOOP), optimizer=opt,
+              callbacks=[Resample(lambda: draws.append(1), every, keep),
+                         Recorder(10)])
+    n = len(range(steps_per_draw, 10, steps_per_draw))    # before those steps (never step 0)
+    assert len(draws) == n and opt.news == [keep] * n
+    assert res.function_evals == 30
+    with pytest.raises(ValueError, match="every"):
+        Resample(lambda: None, 0)

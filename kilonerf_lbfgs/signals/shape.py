@@ -146,12 +146,46 @@ def sample_points(mesh, n: int, near_fraction: float = 0.5, sigma: float = 0.01,
     return np.clip(np.concatenate([uni, near]), 0.0, 1.0)
 
 
-def label_points(mesh, points: np.ndarray, target: str) -> np.ndarray:
-    """Targets ``[M, 1]``: occupancy in {0, 1} or signed distance."""
+def label_points(mesh, points: np.ndarray, target: str,
+                 truncation: Optional[float] = None) -> np.ndarray:
+    """Targets ``[M, 1]``: occupancy in {0, 1} or signed distance, the latter clamped to
+    ``[-truncation, truncation]`` when given (box units)."""
     inside = inside_mesh(mesh, points)
     if target == "occupancy":
         return inside.astype(np.float32)[:, None]
-    return signed_distance(mesh, points, inside).astype(np.float32)[:, None]
+    sd = signed_distance(mesh, points, inside)
+    if truncation is not None:
+        sd = np.clip(sd, -truncation, truncation)
+    return sd.astype(np.float32)[:, None]
+
+
+class ShapeSampler:
+    """Labelled training points drawn afresh from one distribution: ``n_points`` per draw,
+    ``near_fraction`` of them near the surface (:func:`sample_points`), labelled by
+    :func:`label_points`. The first draw uses ``seed``, draw ``k`` the seed sequence
+    ``(seed, k)``, so a run is reproducible.
+    """
+
+    def __init__(self, mesh, target: str, n_points: int, near_fraction: float = 0.5,
+                 sigma: float = 0.01, truncation: Optional[float] = None, seed: int = 0):
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
+        if n_points < 1 or not 0.0 <= near_fraction <= 1.0 or not sigma > 0:
+            raise ValueError(f"ShapeSampler: n_points >= 1, near_fraction in [0, 1] and "
+                             f"sigma > 0 needed, got {n_points}, {near_fraction}, {sigma}")
+        if truncation is not None and not truncation > 0:
+            raise ValueError(f"ShapeSampler: truncation must be positive, got {truncation}")
+        self.mesh, self.target, self.n_points = mesh, target, int(n_points)
+        self.near_fraction, self.sigma, self.truncation = near_fraction, sigma, truncation
+        self.seed, self.draws = int(seed), 0
+
+    def draw(self):
+        """``(x [n_points, 3], y [n_points, 1])``: the next draw."""
+        seed = self.seed if self.draws == 0 else int(
+            np.random.SeedSequence([self.seed, self.draws]).generate_state(1)[0])
+        self.draws += 1
+        x = sample_points(self.mesh, self.n_points, self.near_fraction, self.sigma, seed)
+        return x, label_points(self.mesh, x, self.target, self.truncation)
 
 
 def iou(pred_inside: np.ndarray, true_inside: np.ndarray) -> float:
@@ -198,6 +232,19 @@ class ShapeProblem(PackedMSEProblem):
         super().__init__(train, data_range=1.0)
         self.eval_packed = ev
         self.model = None
+        self.sampler: Optional[ShapeSampler] = None
+
+    def set_points(self, train_x: np.ndarray, train_y: np.ndarray) -> None:
+        """Replace the training points ``[M, 3]`` and targets ``[M, 1]`` (a fresh draw)."""
+        dev = self.packed.x.device
+        self.set_packed(pack_samples(torch.as_tensor(train_x), torch.as_tensor(train_y),
+                                     self.grid, self.packed.x.dtype).to(dev))
+
+    def resample(self) -> None:
+        """A fresh draw from :attr:`sampler` (set by :func:`make_shape_problem`)."""
+        if self.sampler is None:
+            raise ValueError("resample: this ShapeProblem has no sampler")
+        self.set_points(*self.sampler.draw())
 
     def inside(self, pred: torch.Tensor) -> torch.Tensor:
         """Network outputs -> inside (bool, same shape)."""
@@ -228,10 +275,13 @@ class ShapeProblem(PackedMSEProblem):
 def make_shape_problem(mesh, grid: Sequence[int], target: str = "occupancy",
                        n_points: int = 100_000, n_eval: int = 50_000,
                        near_fraction: float = 0.5, sigma: float = 0.01, seed: int = 0,
-                       device="cpu", source: str = "the mesh") -> ShapeProblem:
-    """Sample, label and pack a normalised mesh. Raises ``ValueError`` (naming ``source``)
-    when the mesh encloses no volume (e.g. an open sheet whose holes cannot be closed)."""
-    train_x = sample_points(mesh, n_points, near_fraction, sigma, seed)
+                       device="cpu", source: str = "the mesh",
+                       truncation: Optional[float] = None) -> ShapeProblem:
+    """Sample, label and pack a normalised mesh; the problem's :attr:`~ShapeProblem.sampler`
+    draws fresh training points of the same kind (:meth:`ShapeProblem.resample`). Raises
+    ``ValueError`` (naming ``source``) when the mesh encloses no volume (e.g. an open sheet
+    whose holes cannot be closed). ``truncation``: clamp signed distances (box units)."""
+    sampler = ShapeSampler(mesh, target, n_points, near_fraction, sigma, truncation, seed)
     eval_x = sample_points(mesh, n_eval, 0.0, sigma, seed + 7919)
     w = np.abs(winding_numbers(mesh, eval_x))
     eval_inside = w > 0.5
@@ -243,5 +293,7 @@ def make_shape_problem(mesh, grid: Sequence[int], target: str = "occupancy",
                          f"of the box inside, {undecided} of {len(w)} points undecided): it is "
                          f"open or broken beyond repair; close its holes or pass a watertight "
                          f"mesh")
-    train_y = label_points(mesh, train_x, target)
-    return ShapeProblem(train_x, train_y, eval_x, eval_inside, grid, target, device=device)
+    train_x, train_y = sampler.draw()
+    problem = ShapeProblem(train_x, train_y, eval_x, eval_inside, grid, target, device=device)
+    problem.sampler = sampler
+    return problem
