@@ -41,6 +41,10 @@ CONTENDERS: Dict[str, Dict] = {
     # coupled L-BFGS on 4x larger ray batches, 10 evaluations on each
     "direct_batched_lbfgs_big_batch": dict(route="direct", optimizer="lbfgs",
                                            batch_rays=16384, evals_per_step=10),
+    # the design card's literal route: every ray batch's photometric residual becomes
+    # per-sample targets (a Gauss-Newton step in output space) that each cell fits with
+    # BatchedLBFGS (8 evaluations per batch: the best of 2, 4, 8 on the demo scene)
+    "direct_lbfgs_targets": dict(route="direct", optimizer="lbfgs_targets", evals_per_step=8),
     # distillation on uniform points drawn afresh every step (benchmarks/nerf_distill_sampling:
     # the sample regime that generalises); each optimiser with its best setting there
     "distill_fresh_batched_lbfgs": dict(route="distill", optimizer="lbfgs",

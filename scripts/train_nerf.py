@@ -23,7 +23,10 @@ CONFIGS = os.path.join(REPO, "configs")
 
 
 def main():
-    p = build_parser(__doc__, config_dirs=[CONFIGS], skip=("max_evals",))
+    # the pipeline's own options replace the fit scripts' optimiser flags
+    p = build_parser(__doc__, config_dirs=[CONFIGS],
+                     skip=("max_evals", "optimizer", "line_search", "lr_schedule",
+                           "no_keep_best"))
     add_nerf_args(p)
     args = parse_args(p)
     device = setup_run(args)

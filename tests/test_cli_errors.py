@@ -101,7 +101,10 @@ def test_nerf_bad_values_name_the_flag(script, tmp_path):
                        (["--grid_res", "100"], "--grid_res"), (["--grid_res", "0"], "--grid_res"),
                        (["--distill_sampling", "everywhere"], "--distill_sampling"),
                        (["--distill_uniform_per_cell", "0"], "--distill_uniform_per_cell"),
-                       (["--optimizer", "sgd"], "--optimizer")]:
+                       (["--optimizer", "sgd"], "--optimizer"),
+                       (["--route", "distill", "--optimizer", "lbfgs_targets"], "--optimizer"),
+                       (["--gn_step", "1.5"], "--gn_step"),
+                       (["--targets_per_cell", "0"], "--targets_per_cell")]:
         _one_line_error(script("train_nerf.py", "--config", "demo.txt", "--demo_size", 8,
                                "--datadir", tmp_path / "demo", *args, cwd=tmp_path), flag)
 

@@ -94,6 +94,9 @@ def options_from_args(args, train: NerfSplit) -> NerfOptions:
     if args.tv_weight > 0 and args.teacher != "dense":
         raise UserError(f"--tv_weight applies to the dense teacher only (--teacher "
                         f"{args.teacher}); drop it or use --teacher dense")
+    if args.optimizer == "lbfgs_targets" and args.route != "direct":
+        raise UserError(f"--optimizer lbfgs_targets trains from the photos: it needs --route "
+                        f"direct (not {args.route})")
     near = train.near if args.near is None else args.near
     far = train.far if args.far is None else args.far
     if not near < far:

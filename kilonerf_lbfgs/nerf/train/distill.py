@@ -66,13 +66,22 @@ def collect_distill_samples(teacher, marcher, bank: RayBank, field: KiloNeRFFiel
         ds.append(d[s.ray_indices])
         alphas.append(1.0 - torch.exp(-sigma * rs.step_size))
         rgbs.append(rgb)
-    device = field.net_cells.device
-    n = field.n_nets
     if not xs:
         raise ValueError("no ray sample hit an occupied voxel: the occupancy grid is empty")
     x, d, alpha, rgb = (torch.cat(v) for v in (xs, ds, alphas, rgbs))
     keep, net, local = field.locate(x)
-    d, alpha, rgb = d[keep], alpha[keep], rgb[keep]
+    return pack_per_network(field.n_nets, net, local, d[keep], alpha[keep], rgb[keep],
+                            max_per_cell, generator)
+
+
+@torch.no_grad()
+def pack_per_network(n: int, net: torch.Tensor, local: torch.Tensor, d: torch.Tensor,
+                     alpha: torch.Tensor, rgb: torch.Tensor, max_per_cell: int,
+                     generator: torch.Generator) -> DistillSamples:
+    """Flat samples (``net [S]`` long, ``local [S,3]``, ``d [S,3]``, ``alpha [S]``,
+    ``rgb [S,3]``) grouped by network into :class:`DistillSamples` of ``n`` networks, at
+    most ``max_per_cell`` per network (a uniformly random subset where there are more)."""
+    device = local.device
     # random order, then the first max_per_cell of each network
     perm = torch.randperm(net.numel(), generator=generator).to(device)
     net, local, d, alpha, rgb = net[perm], local[perm], d[perm], alpha[perm], rgb[perm]

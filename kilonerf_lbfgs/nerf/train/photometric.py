@@ -23,7 +23,9 @@ from ..render.volrend import composite
 
 @dataclass
 class PhotometricConfig:
-    optimizer: str = "adam"             # adam | lbfgs (BatchedLBFGS, coupled mode)
+    optimizer: str = "adam"             # adam | lbfgs (BatchedLBFGS, coupled mode) |
+                                        # lbfgs_targets (per-cell BatchedLBFGS on output-space
+                                        # Gauss-Newton targets of each ray batch)
     lr: float = 1e-3
     lr_end_factor: float = 0.1          # Adam: exponential decay to lr * factor at the end
     batch_rays: int = 4096
@@ -32,6 +34,9 @@ class PhotometricConfig:
     occ_warmup: float = 0.15            # ... after this fraction of the stage (a fresh grid)
     warmup_coarse: float = 4.0          # marching step factor until the grid's first update
     lbfgs_evals: int = 4                # L-BFGS: closure evaluations per ray batch
+    gn_damping: float = 0.1             # lbfgs_targets: Levenberg-Marquardt damping ...
+    gn_step: float = 1.0                # ... and step fraction of the output-space targets
+    targets_per_cell: int = 1024        # lbfgs_targets: at most this many samples per cell
     history_size: int = 20
     tv_weight: float = 0.0              # total-variation weight (models with total_variation)
     target_psnr: Optional[float] = None
@@ -51,6 +56,9 @@ class LoopState:
 
 
 def make_photometric_optimizer(model: nn.Module, cfg: PhotometricConfig):
+    if cfg.optimizer == "lbfgs_targets":
+        return BatchedLBFGS(list(model.parameters()), lr=1.0, history_size=cfg.history_size,
+                            max_eval=cfg.lbfgs_evals, line_search="strong_wolfe")
     if cfg.optimizer == "lbfgs":
         return BatchedLBFGS(list(model.parameters()), lr=1.0, history_size=cfg.history_size,
                             max_eval=cfg.lbfgs_evals, line_search="strong_wolfe")
@@ -97,6 +105,8 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
             rs, step_size=rs.step_size * cfg.warmup_coarse)
         if cfg.optimizer == "lbfgs":
             loss = _lbfgs_step(model, marcher, o, d, c, rs_now, opt, state)
+        elif cfg.optimizer == "lbfgs_targets":
+            loss = _targets_step(model, marcher, o, d, c, rs_now, opt, state, cfg, generator)
         else:
             # with a step budget the decay follows steps, so it does not depend on the clock
             frac = min(1.0, state.steps / cfg.max_steps if cfg.max_steps > 0
@@ -185,3 +195,46 @@ def _lbfgs_step(model, marcher, o, d, c, rs: RenderSettings, opt, state: LoopSta
         return loss.detach()
 
     return opt.step(closure)
+
+
+def _targets_step(model, marcher, o, d, c, rs: RenderSettings, opt, state: LoopState,
+                  cfg: PhotometricConfig, generator: torch.Generator) -> torch.Tensor:
+    """One step of the output-targets route: render the batch (samples fixed, no parameter
+    gradient), turn each ray's residual into per-sample targets
+    (:func:`~.output_targets.gauss_newton_targets`), and let every cell fit its samples'
+    targets with BatchedLBFGS (separable; ``lbfgs_evals`` evaluations; each batch a new
+    objective, curvature pairs kept). Returns the batch's loss before the update."""
+    from .distill import DistillProblem, pack_per_network
+    from .output_targets import gauss_newton_targets
+
+    _, sigma_fn = field_fns(model, o, d)
+    with torch.no_grad():
+        s = marcher.sample(o, d, rs.near, rs.far, rs.step_size, sigma_fn=sigma_fn,
+                           early_stop_eps=rs.early_stop_eps, alpha_thre=rs.alpha_thre)
+        ray, delta = s.ray_indices, s.t_ends - s.t_starts
+        if ray.numel() == 0:
+            return torch.mean((rs.background.expand_as(c) - c) ** 2)
+        x, dirs = s.positions(o, d), d[ray]
+        rgb, sigma = model(x, dirs)
+        alpha = -torch.expm1(-sigma * delta)
+        alpha_t, rgb_t, pred = gauss_newton_targets(alpha, rgb, ray, o.shape[0], c,
+                                                    rs.background, cfg.gn_damping,
+                                                    cfg.gn_step)
+        # the cells fit opacity for one marching step of rs.step_size
+        sigma_t = -torch.log1p(-alpha_t) / delta.clamp_min(1e-12)
+        alpha_fit = -torch.expm1(-sigma_t * rs.step_size)
+        keep, net, local = model.locate(x)
+        samples = pack_per_network(model.n_nets, net, local, dirs[keep], alpha_fit[keep],
+                                   rgb_t[keep], cfg.targets_per_cell, generator)
+    problem = DistillProblem(samples, rs.step_size)
+    opt.new_objective(keep_history=True)
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        state.evals += 1
+        losses = problem.cell_losses(model)
+        losses.sum().backward()
+        return losses.detach()
+
+    opt.step(closure)
+    return torch.mean((pred - c) ** 2)

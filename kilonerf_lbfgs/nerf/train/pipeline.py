@@ -124,8 +124,9 @@ class NerfOptions:
         "help": "the distillation stage also stops after this many function evaluations "
                 "(0: time budget only)", "min": 0})
     optimizer: str = dc_field(default="lbfgs", metadata={
-        "help": "the cells' optimiser (distill stage / direct route)",
-        "choices": ("lbfgs", "adam")})
+        "help": "the cells' optimiser (distill stage / direct route); lbfgs_targets (direct "
+                "route): per-cell L-BFGS on Gauss-Newton output targets of each ray batch",
+        "choices": ("lbfgs", "adam", "lbfgs_targets")})
     lr: Optional[float] = dc_field(default=None, metadata={
         "help": "Adam rate for the cells", "positive": True})
     history_size: int = dc_field(default=30, metadata={
@@ -133,6 +134,15 @@ class NerfOptions:
     evals_per_step: int = dc_field(default=5, metadata={
         "help": "L-BFGS: function evaluations per step (direct route: per ray batch; "
                 "distillation: between quality checks, or per draw with fresh sampling)",
+        "positive": True})
+    gn_damping: float = dc_field(default=0.1, metadata={
+        "help": "lbfgs_targets: Levenberg-Marquardt damping of each ray's output-space step "
+                "(relative)", "positive": True})
+    gn_step: float = dc_field(default=1.0, metadata={
+        "help": "lbfgs_targets: fraction of the output-space step taken as the targets",
+        "positive": True, "max": 1})
+    targets_per_cell: int = dc_field(default=1024, metadata={
+        "help": "lbfgs_targets: at most this many of a ray batch's samples per cell",
         "positive": True})
     finetune_lr: float = dc_field(default=2e-4, metadata={
         "help": "Adam rate of the fine-tuning stage", "positive": True})
@@ -184,6 +194,10 @@ class NerfPipeline:
                  extra: Optional[Dict] = None):
         if opts.route not in STAGES:
             raise ValueError(f"route {opts.route!r}: choose distill or direct")
+        if opts.optimizer == "lbfgs_targets" and opts.route != "direct":
+            raise ValueError("optimizer lbfgs_targets trains from the photos: it needs "
+                             "route = direct (the distill route fits a teacher with lbfgs "
+                             "or adam)")
         if opts.distill_sampling not in DISTILL_SAMPLING:
             raise ValueError(f"distill_sampling {opts.distill_sampling!r}: choose one of "
                              f"{', '.join(DISTILL_SAMPLING)}")
@@ -306,7 +320,10 @@ class NerfPipeline:
                         evals_per_step=o.evals_per_step,
                         max_seconds=self.opts.budgets()["distill"], max_evals=o.distill_evals,
                         ckpt_path=self.ckpt_path, ckpt_every=o.ckpt_every,
-                        progress=o.progress, desc=f"distill {o.optimizer}")
+                        progress=o.progress, desc=f"distill {o.optimizer}",
+                        # the quality is measured on the training draws: end on the last
+                        # point, which the fine-tune continues from
+                        keep_best=False)
         resume = None
         if self.resume_payload is not None and "fit" in self.resume_payload:
             resume = self.resume_payload["fit"]
@@ -335,6 +352,8 @@ class NerfPipeline:
         cfg = PhotometricConfig(optimizer=optimizer, lr=lr, batch_rays=o.batch_rays,
                                 seconds=self.opts.budgets()[stage], history_size=o.history_size,
                                 lbfgs_evals=o.evals_per_step, max_steps=o.max_steps,
+                                gn_damping=o.gn_damping, gn_step=o.gn_step,
+                                targets_per_cell=o.targets_per_cell,
                                 desc=f"{stage} {optimizer}")
         opt = make_photometric_optimizer(self.field, cfg)
         self._resume_opt(opt)
