@@ -37,6 +37,10 @@ CONTENDERS: Dict[str, Dict] = {
     "distill_batched_lbfgs": dict(route="distill", optimizer="lbfgs"),
     "distill_adam": dict(route="distill", optimizer="adam", lr=3e-3),
     "direct_adam": dict(route="direct", optimizer="adam"),
+    # the direct rate swept around configs/lego.txt's 5e-4 (the quick preset picks the best)
+    "direct_adam_lr=0.00025": dict(route="direct", optimizer="adam", direct_lr=2.5e-4),
+    "direct_adam_lr=0.001": dict(route="direct", optimizer="adam", direct_lr=1e-3),
+    "direct_adam_lr=0.002": dict(route="direct", optimizer="adam", direct_lr=2e-3),
     "direct_batched_lbfgs": dict(route="direct", optimizer="lbfgs"),
     # coupled L-BFGS on 4x larger ray batches, 10 evaluations on each
     "direct_batched_lbfgs_big_batch": dict(route="direct", optimizer="lbfgs",

@@ -29,7 +29,7 @@ from kilonerf_lbfgs.io import save_json  # noqa: E402
 
 SAMPLING = {"fresh": [], "fixed": ["--resample_every", "0"]}
 COLUMNS = ["mesh", "target", "sampling", "best_iou", "best_at_s", "last_step_iou",
-           "best_minus_last", "exported_iou", "chamfer", "evals"]
+           "last_10_mean_iou", "best_minus_last", "exported_iou", "chamfer", "evals"]
 
 
 def run_one(mesh: str, target: str, sampling: str, seconds: float, out_root: str,
@@ -45,13 +45,22 @@ def run_one(mesh: str, target: str, sampling: str, seconds: float, out_root: str
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise UserError(f"{name}: fit_shape.py failed: {r.stderr.strip().splitlines()[-1]}")
-    m = json.loads(Path(out, "metrics.json").read_text())
+    return row_from_metrics(mesh, target, sampling,
+                            json.loads(Path(out, "metrics.json").read_text()))
+
+
+def row_from_metrics(mesh: str, target: str, sampling: str, m: dict) -> dict:
+    """One table row from a fit_shape.py metrics.json: the best held-out IoU and when, the
+    last step's, the mean of the last 10 steps' (fresh draws make single steps noisy), the
+    exported (best) one."""
     hist = [(s, q) for s, q in m["history"] if q is not None]
     best_s, best = max(hist, key=lambda h: h[1])
     last = hist[-1][1]
+    tail = [q for _, q in hist[-10:]]
     return {"mesh": "torus knot (bundled)" if mesh == "knot" else Path(mesh).name,
             "target": target, "sampling": sampling, "best_iou": round(best, 4),
             "best_at_s": round(best_s, 1), "last_step_iou": round(last, 4),
+            "last_10_mean_iou": round(sum(tail) / len(tail), 4),
             "best_minus_last": round(best - last, 4), "exported_iou": round(m["iou"], 4),
             "chamfer": round(m["chamfer"], 5), "evals": m["function_evals"],
             "train_seconds": round(m["train_seconds"], 1)}
