@@ -235,8 +235,8 @@ def test_instant_ngp_transforms(tmp_path):
         s = load_split(str(tmp_path), "train", downsample=2)
     msgs = [str(r.message) for r in rec if issubclass(r.category, UserWarning)]
     assert len(msgs) == 1 and "2 frame" in msgs[0] and "transforms.json" in msgs[0], msgs
-    kept = [k for k in range(10) if k not in (3, 7)]
-    assert len(s) == 8 and (s.W, s.H) == (8, 6)
+    kept = [k for k in range(10) if k not in (3, 7) and k % 8]     # test frames held out
+    assert len(s) == 6 and (s.W, s.H) == (8, 6)
     assert [os.path.basename(p) for p in s.file_paths] == [f"{k:03d}.png" for k in kept]
     expect = [((30.0 + k) / 2, 21.0 / 2, 7.5 / 2, 6.5 / 2) if k % 2 else
               (20.0 / 2, 21.0 / 2, 8.0 / 2, 6.5 / 2) for k in kept]
@@ -249,7 +249,11 @@ def test_instant_ngp_transforms(tmp_path):
         warnings.simplefilter("always")
         d = load_dataset(str(tmp_path))
     assert set(d) == {"train", "test"} and len(d["test"]) == 2
-    assert len([r for r in rec if "missing" in str(r.message)]) == 1
+    assert len([r for r in rec if "missing" in str(r.message)]) == 1   # none among the tests
+    # no test view is a training view
+    assert not set(d["test"].file_paths) & set(d["train"].file_paths)
+    train_poses = {tuple(p.flatten().tolist()) for p in d["train"].poses}
+    assert not any(tuple(p.flatten().tolist()) in train_poses for p in d["test"].poses)
 
 
 def test_instant_ngp_camera_angle_fallback(tmp_path):

@@ -12,8 +12,9 @@ exists): intrinsics ``fl_x, fl_y, cx, cy, w, h`` per frame or global (a frame's 
 ``camera_angle_x`` / ``camera_angle_y`` stand in for a missing focal; ``cx, cy`` default to the
 centre; ``w, h`` to the image's size, and the intrinsics are rescaled when the image is of a
 different size than ``w, h``). Frames whose image file is missing are skipped with one warning
-that counts them. The file has no splits: ``train`` is every frame, ``test`` and ``val`` are
-every 8th frame (frames 0, 8, 16, ...).
+that counts them. The file has no splits: ``test`` and ``val`` are every 8th frame (frames 0,
+8, 16, ...) and ``train`` is every other frame, so the test views are held out (the LLFF and
+nerfstudio protocol).
 
 Both formats: RGBA images are composited on ``background`` (white by default), then resampled
 by area averaging when ``downsample`` or ``img_wh`` asks for another size; optional ``near``,
@@ -38,7 +39,8 @@ import torch
 from ...images import read_image, resize_area
 
 SPLITS = ("train", "val", "test")
-NGP_TEST_STRIDE = 8          # instant-ngp transforms.json: test/val = every 8th frame
+NGP_TEST_STRIDE = 8          # instant-ngp transforms.json: test/val = every 8th frame,
+                             # train = the others
 DEFAULT_NEAR, DEFAULT_FAR = 2.0, 6.0
 DEFAULT_BOX = ((-1.5, -1.5, -1.5), (1.5, 1.5, 1.5))
 DATA_HINT = ("get the NeRF-synthetic dataset (e.g. nerf_synthetic/lego from the original NeRF "
@@ -215,10 +217,9 @@ def _blender_frames(datadir: str, path: str, meta: dict):
 
 def _ngp_frames(datadir: str, path: str, meta: dict, split: str):
     """Like ``_blender_frames`` for instant-ngp's transforms.json; also the missing count."""
-    stride = 1 if split == "train" else NGP_TEST_STRIDE
     out, missing = [], 0
     for i, fr in enumerate(meta["frames"]):
-        if i % stride:
+        if (split == "train") == (i % NGP_TEST_STRIDE == 0):      # test frames held out
             continue
         if not isinstance(fr, dict):
             raise ValueError(f"{path}: frame {i} is not a JSON object")
@@ -338,17 +339,14 @@ def load_dataset(datadir: str, downsample: int = 1, img_wh: Optional[Tuple[int, 
     ``transforms_val.json`` (an instant-ngp scene's val would repeat its test split).
 
     ``test_every`` thins the test and val splits (every k-th frame); train keeps every frame.
-    A missing-image warning is given once (by the train split).
+    A missing-image warning is given per split.
     """
     _check_options(downsample, test_every)
     kw = dict(downsample=downsample, img_wh=img_wh, background=background)
     out = {"train": load_split(datadir, "train", **kw)}
     _, fmt = transforms_file(datadir, "test")
-    if fmt == "ngp":
-        # the train warning already counted every missing frame; val would repeat test
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out["test"] = load_split(datadir, "test", every=test_every, **kw)
+    if fmt == "ngp":                 # val would repeat test
+        out["test"] = load_split(datadir, "test", every=test_every, **kw)
         return out
     out["test"] = load_split(datadir, "test", every=test_every, **kw)
     if os.path.isfile(os.path.join(datadir, "transforms_val.json")):
