@@ -10,14 +10,11 @@ import time
 import imageio.v2 as imageio
 import torch
 
-from kilonerf_lbfgs.config import (UserError, build_parser, for_option, parse_args,
-                                   require_positive, run_main)
-from kilonerf_lbfgs.io import load_checkpoint, save_png, to_uint8
-from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene
+from kilonerf_lbfgs.config import (UserError, build_parser, parse_args, require_positive,
+                                   run_main)
+from kilonerf_lbfgs.io import save_png, to_uint8
+from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, load_trained
 from kilonerf_lbfgs.nerf.evaluate import render_view
-from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
-from kilonerf_lbfgs.nerf.render.marcher import Marcher
-from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions
 from kilonerf_lbfgs.nerf.data.rays import orbit_poses
 from kilonerf_lbfgs.runner import setup_run
 
@@ -26,26 +23,6 @@ REPO = os.path.dirname(HERE)
 # a bare --config NAME is also looked up in the repository's configs/, and a relative
 # --datadir that is not found from the working folder in the repository
 CONFIGS = os.path.join(REPO, "configs")
-
-
-def load_trained(path: str, device):
-    """(field, marcher, options, camera) from a train_nerf.py checkpoint."""
-    if not os.path.isfile(path):
-        raise UserError(f"--ckpt {path}: no such checkpoint; train first with "
-                        f"scripts/train_nerf.py (it writes OUT_DIR/checkpoint.pt)")
-    with for_option("--ckpt", path):
-        ckpt = load_checkpoint(path, map_location=device)
-    if ckpt.get("kind") != "nerf" or "field" not in ckpt:
-        raise UserError(f"--ckpt {path}: not a NeRF checkpoint with trained cell networks "
-                        f"(was training stopped before the cells were built?)")
-    opts = NerfOptions(**{k: v for k, v in ckpt["options"].items()
-                          if k in NerfOptions.__dataclass_fields__})
-    field = KiloNeRFField.from_config(ckpt["field"]["config"], device=device)
-    state = ckpt["model"] if ckpt.get("fit_stage") else ckpt["field"]["state"]
-    field.load_state_dict(state)
-    marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold, device=device)
-    marcher.load_state_dict(ckpt["marcher"])
-    return field.eval(), marcher, opts, ckpt.get("camera")
 
 
 def main():

@@ -112,3 +112,17 @@ def test_nerf_bad_values_name_the_flag(script, tmp_path):
 def test_render_missing_checkpoint_names_flag_and_file(script, tmp_path):
     _one_line_error(script("render_video.py", "--ckpt", tmp_path / "gone.pt"), "--ckpt",
                     "gone.pt")
+
+
+def test_export_mesh_bad_checkpoints(script, tmp_path):
+    _one_line_error(script("export_mesh.py", "--ckpt", tmp_path / "gone.pt"), "--ckpt",
+                    "gone.pt")
+    out = tmp_path / "shape"
+    r = script("fit_shape.py", "--grid", 1, 1, 1, "--points", 500, "--eval_points", 500,
+               "--width", 8, "--depth", 1, "--resolution", 8, "--max_evals", 2,
+               "--out_dir", out, "--no_progress")
+    assert r.returncode == 0, r.stderr
+    _one_line_error(script("export_mesh.py", "--ckpt", out / "checkpoint.pt"), "--ckpt",
+                    "not a NeRF checkpoint")
+    _one_line_error(script("export_mesh.py", "--ckpt", out / "checkpoint.pt",
+                           "--resolution", 1), "--resolution")

@@ -9,6 +9,7 @@ import time
 import imageio.v2 as imageio
 import pytest
 import torch
+import trimesh
 
 from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
 from kilonerf_lbfgs.nerf.train.distill import DistillProblem, DistillSamples
@@ -125,6 +126,17 @@ def test_demo_like_scene_trains_to_psnr(tiny_scene, script, tmp_path):
     reader = imageio.get_reader(str(v / "orbit.mp4"))
     assert reader.count_frames() == 4
     assert tuple(reader.get_meta_data()["size"]) == (24, 24)
+    # and exports a coloured mesh close to the demo object's true surface
+    r = script("export_mesh.py", "--ckpt", out / "checkpoint.pt", "--resolution", "48",
+               "--formats", "ply", "obj", "--compare_demo", "--out_dir", tmp_path / "mesh")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((tmp_path / "mesh" / "mesh.json").read_text())
+    ply = trimesh.load(tmp_path / "mesh" / "mesh.ply", force="mesh")
+    assert len(ply.vertices) == info["vertices"] > 1000
+    assert ply.visual.vertex_colors.shape == (len(ply.vertices), 4)
+    assert trimesh.load(tmp_path / "mesh" / "mesh.obj", force="mesh").faces.shape[0] > 1000
+    # 1.5% of the box diagonal measured (a 48^3 lattice: one voxel is 1.2%)
+    assert info["chamfer_fraction_of_box_diagonal"] < 0.04, info
 
 
 def test_distill_route_writes_every_stage(tiny_scene, script, tmp_path):

@@ -13,7 +13,10 @@ from typing import Dict, List, Optional, Sequence
 from ..config import UserError, add_options, for_option, option
 from ..config import options_from_args as _dataclass_from_args
 from .data.demo_scene import default_demo_dir, ensure_demo_scene
+from ..io import load_checkpoint
 from .data.loaders import NerfSplit, load_dataset
+from .fields.kilonerf import KiloNeRFField
+from .render.marcher import Marcher
 from .train.pipeline import NerfOptions
 
 DEFAULTS = NerfOptions()
@@ -105,3 +108,24 @@ def options_from_args(args, train: NerfSplit) -> NerfOptions:
                                 near=near, far=far,
                                 background=[1.0] * 3 if args.white_bkgd else [0.0] * 3,
                                 progress=not args.no_progress)
+
+
+def load_trained(path: str, device):
+    """(field, marcher, options, camera) from a train_nerf.py checkpoint; a missing file or
+    a checkpoint of another kind is one :class:`UserError` naming ``--ckpt``."""
+    if not os.path.isfile(path):
+        raise UserError(f"--ckpt {path}: no such checkpoint; train first with "
+                        f"scripts/train_nerf.py (it writes OUT_DIR/checkpoint.pt)")
+    with for_option("--ckpt", path):
+        ckpt = load_checkpoint(path, map_location=device)
+    if ckpt.get("kind") != "nerf" or "field" not in ckpt:
+        raise UserError(f"--ckpt {path}: not a NeRF checkpoint with trained cell networks "
+                        f"(was training stopped before the cells were built?)")
+    opts = NerfOptions(**{k: v for k, v in ckpt["options"].items()
+                          if k in NerfOptions.__dataclass_fields__})
+    field = KiloNeRFField.from_config(ckpt["field"]["config"], device=device)
+    state = ckpt["model"] if ckpt.get("fit_stage") else ckpt["field"]["state"]
+    field.load_state_dict(state)
+    marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold, device=device)
+    marcher.load_state_dict(ckpt["marcher"])
+    return field.eval(), marcher, opts, ckpt.get("camera")

@@ -28,6 +28,12 @@ BOX = [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]
 LIGHTS = (((0.45, -0.35, 0.82), 0.75), ((-0.6, 0.5, 0.3), 0.25))   # (direction, strength)
 AMBIENT = 0.22
 
+# the object's primitives (world units): two spheres (centre, radius), a box (min, max) and a
+# torus around the world z axis (centre, major radius, minor radius)
+SPHERES = (((-0.35, -0.3, 0.1), 0.45), ((0.45, 0.5, 0.35), 0.28))
+BOX_PRIM = ((0.0, -0.65, -0.7), (0.7, -0.05, -0.1))
+TORUS = ((-0.1, 0.35, -0.45), 0.45, 0.13)
+
 Hit = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # t [M], normal [M, 3], albedo [M, 3]
 
 _NO_HIT = float("inf")
@@ -148,10 +154,55 @@ def _scene() -> List[Callable]:
         ang = torch.atan2(p[:, 1], p[:, 0]) / (2 * math.pi) * 12
         return _checker(ang, torch.zeros_like(ang), (0.8, 0.2, 0.7), (0.95, 0.55, 0.15))
 
-    return [_sphere((-0.35, -0.3, 0.1), 0.45, sphere_checker),
-            _sphere((0.45, 0.5, 0.35), 0.28, blue),
-            _box((0.0, -0.65, -0.7), (0.7, -0.05, -0.1), box_checker),
-            _torus((-0.1, 0.35, -0.45), 0.45, 0.13, torus_stripes)]
+    return [_sphere(*SPHERES[0], sphere_checker), _sphere(*SPHERES[1], blue),
+            _box(*BOX_PRIM, box_checker), _torus(*TORUS, torus_stripes)]
+
+
+def demo_sdf(p: np.ndarray) -> np.ndarray:
+    """Signed distance ``[M]`` of points ``p [M, 3]`` to the demo object (the union of its
+    primitives; negative inside). Exact outside the primitives' overlaps, a bound inside."""
+    p = np.asarray(p, dtype=np.float64)
+    d = [np.linalg.norm(p - np.array(c), axis=1) - r for c, r in SPHERES]
+    lo, hi = np.array(BOX_PRIM[0]), np.array(BOX_PRIM[1])
+    q = np.abs(p - 0.5 * (lo + hi)) - 0.5 * (hi - lo)
+    d.append(np.linalg.norm(np.maximum(q, 0.0), axis=1) + np.minimum(q.max(1), 0.0))
+    c, major, minor = TORUS
+    t = p - np.array(c)
+    d.append(np.hypot(np.hypot(t[:, 0], t[:, 1]) - major, t[:, 2]) - minor)
+    return np.min(d, axis=0)
+
+
+def demo_surface_points(n: int, seed: int = 0) -> np.ndarray:
+    """About ``n`` points ``[m, 3]`` on the demo object's outer surface: points on each
+    primitive's surface (in proportion to its area) that lie inside no other primitive."""
+    rng = np.random.default_rng(seed)
+    (c0, r0), (c1, r1) = SPHERES
+    lo, hi = np.array(BOX_PRIM[0]), np.array(BOX_PRIM[1])
+    ext = hi - lo
+    tc, major, minor = TORUS
+    areas = np.array([4 * math.pi * r0 ** 2, 4 * math.pi * r1 ** 2,
+                      2 * (ext[0] * ext[1] + ext[1] * ext[2] + ext[0] * ext[2]),
+                      4 * math.pi ** 2 * major * minor])
+    counts = np.maximum(1, np.round(n * areas / areas.sum()).astype(int))
+    pts = []
+    for (c, r), k in zip(SPHERES, counts[:2]):
+        u = rng.normal(size=(k, 3))
+        pts.append(np.array(c) + r * u / np.linalg.norm(u, axis=1, keepdims=True))
+    face = rng.choice(6, size=counts[2], p=np.repeat([ext[1] * ext[2], ext[0] * ext[2],
+                                                      ext[0] * ext[1]], 2) / (areas[2]))
+    b = lo + rng.random((counts[2], 3)) * ext
+    axis = face // 2
+    b[np.arange(counts[2]), axis] = np.where(face % 2, hi[axis], lo[axis])
+    pts.append(b)
+    k = counts[3]                       # the tube's area element grows with the distance
+    u = rng.uniform(0, 2 * math.pi, 4 * k)   # from the axis: rejection-sample the angle
+    v = rng.uniform(0, 2 * math.pi, 4 * k)
+    keep = rng.random(4 * k) < (major + minor * np.cos(v)) / (major + minor)
+    u, v = u[keep][:k], v[keep][:k]
+    ring = major + minor * np.cos(v)
+    pts.append(np.array(tc) + np.stack([ring * np.cos(u), ring * np.sin(u), minor * np.sin(v)], 1))
+    p = np.concatenate(pts)
+    return p[demo_sdf(p) > -1e-9]
 
 
 def _shade(origins: torch.Tensor, dirs: torch.Tensor, prims: List[Callable]
