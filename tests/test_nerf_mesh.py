@@ -49,3 +49,24 @@ def test_demo_surface_points_lie_on_the_object():
     # points pushed along the outward direction of the union are outside it
     assert demo_sdf(np.array([[0.0, 0.0, 0.95]]))[0] > 0
     assert demo_sdf(np.array([[-0.35, -0.3, 0.1]]))[0] == pytest.approx(-0.45)
+
+
+def test_a_scene_rendered_from_a_mesh_loads_like_the_demo(tmp_path):
+    """A sphere of radius 0.8 (the mesh is scaled to a longest side of 1.6) seen from 4 units
+    away covers the disc the pinhole geometry predicts; the scene loads as Blender data."""
+    import math
+    import trimesh
+    from kilonerf_lbfgs.nerf.data.demo_scene import CAMERA_ANGLE_X
+    from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+    from kilonerf_lbfgs.nerf.data.mesh_scene import generate_mesh_scene
+    out = generate_mesh_scene(trimesh.creation.icosphere(4, radius=3.0), str(tmp_path / "s"),
+                              size=32, n_train=3, n_test=2)
+    data = load_dataset(out)
+    assert len(data["train"]) == 3 and len(data["test"]) == 2 and data["train"].W == 32
+    import imageio.v3 as iio
+    alpha = iio.imread(tmp_path / "s" / "test" / "r_0.png")[..., 3] / 255.0
+    # the sphere's silhouette: a disc of angular radius asin(0.8 / 4)
+    f = 0.5 * 32 / math.tan(0.5 * CAMERA_ANGLE_X)
+    r_px = f * math.tan(math.asin(0.8 / 4.0))
+    assert alpha.sum() == pytest.approx(math.pi * r_px ** 2, rel=0.03)
+    assert alpha[0, 0] == 0 and alpha[16, 16] == 1

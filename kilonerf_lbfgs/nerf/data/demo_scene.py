@@ -247,11 +247,12 @@ def _random_poses(n: int, rng: np.random.Generator) -> torch.Tensor:
                         for a, e in zip(az, el)])
 
 
-def _write_split(out_dir: str, split: str, poses: torch.Tensor, size: int) -> None:
+def _write_split(out_dir: str, split: str, poses: torch.Tensor, size: int,
+                 render: Callable[[torch.Tensor, int], np.ndarray]) -> None:
     frames = []
     for k, pose in enumerate(poses):
         rel = f"./{split}/r_{k}"
-        save_png(os.path.join(out_dir, split, f"r_{k}.png"), render_view(pose, size))
+        save_png(os.path.join(out_dir, split, f"r_{k}.png"), render(pose, size))
         frames.append({"file_path": rel, "transform_matrix": pose.double().tolist()})
     save_json(os.path.join(out_dir, f"transforms_{split}.json"),
               {"camera_angle_x": CAMERA_ANGLE_X, "aabb": BOX, "frames": frames})
@@ -268,16 +269,24 @@ def generate_demo_scene(out_dir: str, size: int = 64, n_train: int = 60, n_test:
     Deterministic; ``transforms_train.json`` is written last, so its presence means the
     scene is complete.
     """
+    return write_scene(out_dir, render_view, size, n_train, n_test, seed)
+
+
+def write_scene(out_dir: str, render: Callable[[torch.Tensor, int], np.ndarray], size: int,
+                n_train: int, n_test: int, seed: int = 0) -> str:
+    """A Blender-format scene of views ``render(pose [4, 4], size) -> [size, size, 4]`` RGBA
+    with the demo scene's cameras (see :func:`generate_demo_scene`)."""
     if size < 1 or n_train < 1 or n_test < 1:
-        raise ValueError("generate_demo_scene: size, n_train and n_test must be positive")
+        raise ValueError("a generated scene needs positive size, n_train and n_test")
     rng = np.random.default_rng(seed)
     train = _random_poses(n_train, rng)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)      # many small tensors: threads only add overhead (and contention)
     try:
-        _write_split(out_dir, "test", orbit_poses(n_test, RADIUS, 30.0), size)
-        _write_split(out_dir, "val", orbit_poses(max(1, n_test // 2), RADIUS, 50.0), size)
-        _write_split(out_dir, "train", train, size)
+        _write_split(out_dir, "test", orbit_poses(n_test, RADIUS, 30.0), size, render)
+        _write_split(out_dir, "val", orbit_poses(max(1, n_test // 2), RADIUS, 50.0), size,
+                     render)
+        _write_split(out_dir, "train", train, size, render)
     finally:
         torch.set_num_threads(threads)
     return out_dir
