@@ -273,11 +273,16 @@ def for_option(flag: str, value: Any = None):
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's main: a :class:`UserError` becomes one line on stderr and exit code 1."""
+    from . import distributed           # under torchrun: leave the process group cleanly
     try:
         main()
+        distributed.shutdown()
     except UserError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        print(f"error: {'; '.join(lines)}", file=sys.stderr)
+        shards = distributed.current()
+        distributed.shutdown(barrier=False)
+        if shards is None or shards.is_main:         # one line, from rank 0 alone
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            print(f"error: {'; '.join(lines)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept (continue with --resume)",

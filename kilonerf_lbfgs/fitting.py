@@ -63,6 +63,9 @@ class CellProblem:
     """
 
     quality_name = "psnr"
+    # whether subset(cells) gives an independent problem of those cells whose quality follows
+    # from the per-cell losses alone, so the cells can be sharded over processes
+    shardable = False
 
     def cell_losses(self, model: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -338,7 +341,8 @@ OptimizerLike = Union[Optimizer, Callable[[List[nn.Parameter]], Optimizer]]
 def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
         resume: Optional[Dict] = None, extra_ckpt: Optional[Dict] = None,
         device=None, *, optimizer: Optional[OptimizerLike] = None,
-        callbacks: Iterable[CallbackLike] = ()) -> FitResult:
+        callbacks: Iterable[CallbackLike] = (),
+        save: Optional[Callable[[Dict], None]] = None) -> FitResult:
     """Train ``model`` on ``problem`` until the budget, the target or a callback's stop.
 
     Args:
@@ -351,6 +355,8 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
         callbacks: :class:`Callback` objects, LR schedulers or functions of the
             :class:`FitState`, run in order after ``cfg``'s own callbacks (and after
             :class:`StopWhenConverged`, added for a BatchedLBFGS).
+        save: writes a checkpoint payload (default: atomically to ``cfg.ckpt_path``); e.g.
+            sharded fits gather the ranks' cells into one checkpoint.
     """
     cfg = cfg if cfg is not None else FitConfig()
     if cfg.max_evals < 0:
@@ -404,7 +410,7 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
                         model={k: v.detach().clone() for k, v in model.state_dict().items()})
 
     def checkpoint():
-        if cfg.ckpt_path is None:
+        if cfg.ckpt_path is None and save is None:
             return
         payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                    "train_seconds": res.train_seconds, "steps": res.steps,
@@ -412,7 +418,10 @@ def fit(model: nn.Module, problem: CellProblem, cfg: Optional[FitConfig] = None,
                    "fit_config": cfg.__dict__,
                    "best": best if best["model"] is not None else None}
         payload.update(extra_ckpt or {})
-        save_checkpoint(cfg.ckpt_path, payload)
+        if save is not None:
+            save(payload)
+        else:
+            save_checkpoint(cfg.ckpt_path, payload)
 
     bar = None
     if cfg.progress:

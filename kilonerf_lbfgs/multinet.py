@@ -62,6 +62,18 @@ class MultiMLP(nn.Module):
     def params_per_cell(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
 
+    def select(self, cells: torch.Tensor) -> "MultiMLP":
+        """A new MultiMLP of the networks ``cells [k]`` (copies of their parameters), e.g.
+        one rank's share of a sharded fit."""
+        w0 = self.weights[0]
+        out = MultiMLP(int(cells.numel()), self.d_in, self.d_out, self.width, self.depth,
+                       self.activation, self.omega_0, self.sigma, self.pe_freqs,
+                       dtype=w0.dtype, device=w0.device)
+        with torch.no_grad():
+            for dst, src in zip(out.parameters(), self.parameters()):
+                dst.copy_(src.index_select(0, cells.to(src.device)))
+        return out
+
     def layer_params(self, cells: Optional[torch.Tensor] = None
                      ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) per layer, for all cells or the cells listed in ``cells [k]``."""

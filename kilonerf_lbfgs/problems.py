@@ -31,6 +31,7 @@ class PackedMSEProblem(CellProblem):
     """
 
     REGROUP_WASTE = 1.5
+    shardable = True            # quality from the per-cell losses (and sample counts) alone
 
     quality_name = "psnr"
 

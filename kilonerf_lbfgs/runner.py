@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 
+from . import distributed
 from .activations import ACTIVATIONS
 from .backends import resolve_device
 from .config import UserError, add_options, for_option, option
 from .fitting import CellProblem, FitConfig, FitResult, fit
-from .io import load_checkpoint, plot_convergence, save_json
+from .io import load_checkpoint, plot_convergence, save_checkpoint, save_json
 from .multinet import MultiMLP
 
 
@@ -70,6 +72,7 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
     reconstruction and returns its final metrics (e.g. ``{"psnr": .., "ssim": ..}``), which
     go into ``metrics.json``. ``callbacks`` go to :func:`~kilonerf_lbfgs.fitting.fit`.
     """
+    shards = distributed.current()
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     resume = None
@@ -85,8 +88,13 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
     cfg = fit_config_from_args(args, target, desc=f"{modality} {args.optimizer}")
     extra = {"modality": modality, "n_cells": model.n_cells,
              "params_per_cell": model.params_per_cell, "args": vars(args)}
-    result: FitResult = fit(model, problem, cfg, resume=resume, extra_ckpt=extra,
-                            callbacks=callbacks)
+    if shards is None:
+        result: FitResult = fit(model, problem, cfg, resume=resume, extra_ckpt=extra,
+                                callbacks=callbacks)
+    else:
+        result = _fit_sharded(shards, model, problem, cfg, resume, extra, callbacks)
+        if not shards.is_main:          # rank 0 writes the outputs; the others get its metrics
+            return _broadcast_from_main(None)
     metrics = {
         "modality": modality, "optimizer": args.optimizer,
         "device": str(next(model.parameters()).device), "seed": args.seed,
@@ -101,6 +109,7 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
         "activation": model.activation, "width": model.width, "depth": model.depth,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "history_size": args.history_size,
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        "processes": 1 if shards is None else shards.world,
     }
     if export is not None:
         metrics.update(export(model))
@@ -109,11 +118,62 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
                      {args.optimizer: result.history}, ylabel=problem.quality_name,
                      title=f"{modality}: {model.n_cells} cells, {args.optimizer}",
                      targets=[target] if target else None)
+    if shards is not None:
+        _broadcast_from_main(metrics)
     return metrics
 
 
+def _fit_sharded(shards, model: MultiMLP, problem: CellProblem, cfg: FitConfig,
+                 resume: Optional[Dict], extra: Dict, callbacks) -> FitResult:
+    """The fit of this rank's cells (torchrun): a contiguous block of cells, their own
+    optimiser, the whole signal's quality; checkpoints gathered into one file that any number
+    of ranks resumes from. On return ``model`` holds every rank's cells."""
+    n = model.n_cells
+    if n < shards.world:
+        raise UserError(f"{shards.world} processes for {n} cells: use at most {n} processes "
+                        f"(--nproc_per_node) or a finer --grid")
+    if not getattr(problem, "shardable", False):
+        raise UserError(f"{type(problem).__name__} cannot be sharded over processes yet; run "
+                        f"it as one process (without torchrun)")
+    sharded = distributed.ShardedProblem(problem, shards)
+    cells = sharded.cells.to(next(model.parameters()).device)
+    local = model.select(cells)
+    n_local = local.n_cells
+    if resume is not None:
+        resume = distributed.select_state(resume, cells, n)
+    cfg.progress = cfg.progress and shards.is_main
+    path = cfg.ckpt_path
+
+    def save(payload):
+        whole = distributed.gather_state(payload, shards, n_local, n)
+        if shards.is_main and path is not None:
+            save_checkpoint(path, whole)
+
+    result = fit(local, sharded, cfg, resume=resume, extra_ckpt=extra, save=save,
+                 callbacks=list(callbacks) + [distributed.AgreeAcrossRanks(shards)])
+    with torch.no_grad():
+        for dst, src in zip(model.parameters(), local.parameters()):
+            dst.copy_(distributed.gather_cells(src.detach(), shards, n))
+    return result
+
+
+def _broadcast_from_main(obj):
+    import torch.distributed as torch_dist
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def setup_run(args):
-    """Seed and device from the common options."""
+    """Seed and device from the common options; under torchrun, also join the process group
+    (:func:`~kilonerf_lbfgs.distributed.init_from_env`) and silence the other ranks' stdout
+    (rank 0 alone prints and writes outputs)."""
     torch.manual_seed(int(args.seed))
     with for_option("--device", args.device):
-        return resolve_device(args.device)
+        device = resolve_device(args.device)
+    shards = distributed.init_from_env(device)
+    if shards is not None:
+        device = shards.device
+        if not shards.is_main:
+            sys.stdout = open(os.devnull, "w")
+    return device

@@ -7,7 +7,7 @@ then evaluate it on the test split.
 """
 import os
 
-from kilonerf_lbfgs.config import build_parser, for_option, parse_args, run_main
+from kilonerf_lbfgs.config import UserError, build_parser, for_option, parse_args, run_main
 from kilonerf_lbfgs.io import plot_convergence, save_json
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, options_from_args
 from kilonerf_lbfgs.nerf.evaluate import evaluate
@@ -30,6 +30,9 @@ def main():
     add_nerf_args(p)
     args = parse_args(p)
     device = setup_run(args)
+    from kilonerf_lbfgs import distributed
+    if distributed.current() is not None:
+        raise UserError("train_nerf.py does not run under torchrun yet; run it as one process")
     data = load_scene(args, search_dirs=[REPO])
     opts = options_from_args(args, data["train"])
     os.makedirs(args.out_dir, exist_ok=True)

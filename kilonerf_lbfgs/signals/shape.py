@@ -212,6 +212,7 @@ class ShapeProblem(PackedMSEProblem):
     """
 
     quality_name = "iou"
+    shardable = False           # the quality evaluates the whole model on held-out points
 
     def __init__(self, train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray,
                  eval_inside: np.ndarray, grid: Sequence[int], target: str = "occupancy",
