@@ -62,11 +62,14 @@ def main():
     p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
     add_record_args(p)                  # nerf: a docs/results record from finished races
     p.add_argument("--title", default="NeRF whole-pipeline race", help="the record's title")
+    p.add_argument("--reference", default="direct_adam",
+                   help="nerf records: the contender the speed-ups are measured against")
     args = parse_args(p)
     if args.record:
         from benchmarks.nerf_pipeline import merge_pipeline_reports, pipeline_record
         write_record(args, merge_pipeline_reports, pipeline_record,
-                     "python scripts/benchmark_optimizers.py --modality nerf", title=args.title)
+                     "python scripts/benchmark_optimizers.py --modality nerf", title=args.title,
+                     reference=args.reference)
         return
     preset = args.preset or PRESETS[args.modality][0]
     if preset not in PRESETS[args.modality]:
