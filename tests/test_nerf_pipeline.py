@@ -298,3 +298,13 @@ def test_fresh_uniform_samples_are_drawn_every_step_and_the_fit_improves(optimiz
     assert len(seen) >= 20
     assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))   # a new draw each step
     assert after >= before + 3.0, (before, after)
+
+
+def test_generic_blender_config_takes_the_scenes_box(tiny_scene, script, tmp_path):
+    """configs/blender.txt has no box of its own: a scene's "aabb" (the demo's [-1, 1]^3)."""
+    out = tmp_path / "b"
+    r = script("train_nerf.py", "--config", "blender.txt", "--datadir", tiny_scene,
+               "--grid_res", "4", "--occ_res", "16", "--max_steps", "3", "--max_seconds", "600",
+               "--no_progress", "--out_dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["options"]["aabb"] == BOX
