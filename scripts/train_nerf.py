@@ -7,6 +7,7 @@ then evaluate it on the test split.
 """
 import os
 
+from kilonerf_lbfgs import distributed
 from kilonerf_lbfgs.config import UserError, build_parser, for_option, parse_args, run_main
 from kilonerf_lbfgs.io import plot_convergence, save_json
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, options_from_args
@@ -30,9 +31,11 @@ def main():
     add_nerf_args(p)
     args = parse_args(p)
     device = setup_run(args)
-    from kilonerf_lbfgs import distributed
-    if distributed.current() is not None:
-        raise UserError("train_nerf.py does not run under torchrun yet; run it as one process")
+    shards = distributed.current()
+    if shards is not None and (args.route != "direct" or args.optimizer != "adam"):
+        raise UserError(f"under torchrun train_nerf.py trains data parallel with --route direct "
+                        f"--optimizer adam only (not {args.route} / {args.optimizer}); run the "
+                        f"other routes as one process")
     data = load_scene(args, search_dirs=[REPO])
     opts = options_from_args(args, data["train"])
     os.makedirs(args.out_dir, exist_ok=True)
@@ -46,6 +49,8 @@ def main():
     with for_option("--resume", ckpt):
         resume_or_new(pipe, args.resume)
     field = pipe.run()
+    if shards is not None and not shards.is_main:    # rank 0 evaluates and writes the outputs
+        return
     m = evaluate(field, pipe.marcher, test, pipe.rs, out_dir=os.path.join(args.out_dir, "test"),
                  progress=not args.no_progress)
     history = pipe.history()

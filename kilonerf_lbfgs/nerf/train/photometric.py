@@ -71,7 +71,7 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
                       cfg: PhotometricConfig, state: LoopState, opt, generator: torch.Generator,
                       checkpoint: Optional[Callable[[], None]] = None, ckpt_every: float = 60.0,
                       progress: bool = True, probe: Optional[Callable[[float], None]] = None,
-                      probe_every: float = math.inf) -> LoopState:
+                      probe_every: float = math.inf, shards=None) -> LoopState:
     """Train ``model`` on random ray batches until ``cfg.seconds`` of training (``state``
     carries the clock of a resumed run). Adam: a fresh batch per step. L-BFGS (coupled):
     one batch and its samples stay fixed for ``lbfgs_evals`` evaluations, so the line
@@ -79,7 +79,18 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
     ``update_every`` steps (counted as training time). Only training is timed.
 
     ``probe(seconds)``, when given, is called (untimed) every ``probe_every`` seconds of
-    training and once at the end, e.g. to measure test PSNR against the clock."""
+    training and once at the end, e.g. to measure test PSNR against the clock.
+
+    ``shards`` (:class:`~kilonerf_lbfgs.distributed.Shards`, torchrun; Adam only): data
+    parallel. Every rank draws the same batch and trains on its slice of
+    ``batch_rays / world`` rays; the gradients are averaged over ranks (the gradient of the
+    whole batch's loss), so every rank takes the same step, and the clock and the reported
+    loss are agreed each step."""
+    if shards is not None and cfg.optimizer != "adam":
+        raise ValueError(f"data-parallel training supports Adam only, not {cfg.optimizer}")
+    if shards is not None and cfg.batch_rays % shards.world:
+        raise ValueError(f"batch_rays {cfg.batch_rays} must be a multiple of the "
+                         f"{shards.world} processes")
     device = bank.rgbs.device
     # the starting rates survive a resume (an optimizer state_dict keeps its param_groups)
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
@@ -99,6 +110,9 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
                 or int(marcher.grid.n_updates) > 0):
             marcher.update(model.density, rs.step_size)
         o, d, c = bank.sample(cfg.batch_rays, generator)
+        if shards is not None:           # this rank's slice of the same global batch
+            k = cfg.batch_rays // shards.world
+            o, d, c = (t[shards.rank * k:(shards.rank + 1) * k] for t in (o, d, c))
         # until the grid knows where the scene is, march coarsely (densities are per unit
         # length, so the field is the same at any step; only the sampling is cheaper)
         rs_now = rs if int(marcher.grid.n_updates) > 0 else replace(
@@ -120,10 +134,16 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
             if cfg.tv_weight > 0 and hasattr(model, "total_variation"):
                 total = total + cfg.tv_weight * model.total_variation()
             total.backward()
+            if shards is not None:
+                _average_gradients(model, shards)
+                loss = _average_scalar(loss.detach(), shards)
             opt.step()
             state.evals += 1
         synchronize(device)
         dt = time.perf_counter() - t0
+        if shards is not None:           # every rank stops at the same step
+            from ...distributed import all_max
+            dt = all_max(dt, shards)
         state.seconds += dt
         state.steps += 1
         q = psnr_from_mse(float(loss.detach()))
@@ -238,3 +258,20 @@ def _targets_step(model, marcher, o, d, c, rs: RenderSettings, opt, state: LoopS
 
     opt.step(closure)
     return torch.mean((pred - c) ** 2)
+
+
+def _average_gradients(model: nn.Module, shards) -> None:
+    """Every parameter's gradient averaged over ranks (a missing one counts as zero)."""
+    import torch.distributed as torch_dist
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch_dist.all_reduce(p.grad)
+        p.grad.div_(shards.world)
+
+
+def _average_scalar(x: torch.Tensor, shards) -> torch.Tensor:
+    import torch.distributed as torch_dist
+    x = x.clone().to(torch.float64)
+    torch_dist.all_reduce(x)
+    return x / shards.world

@@ -237,7 +237,10 @@ class NerfPipeline:
         return p
 
     def save(self, opt=None) -> None:
-        save_checkpoint(self.ckpt_path, self._payload(opt))
+        from ...distributed import current
+        shards = current()
+        if shards is None or shards.is_main:         # data parallel: rank 0 writes
+            save_checkpoint(self.ckpt_path, self._payload(opt))
 
     def load(self, ckpt: Dict) -> None:
         """Restore a checkpoint written by this pipeline (same route)."""
@@ -361,9 +364,12 @@ class NerfPipeline:
         if self.probe is not None:
             offset = self._seconds_before(stage)
             probe = lambda s: self.probe(self.field, offset + s)  # noqa: E731
+        from ...distributed import current
+        shards = current()
         train_photometric(self.field, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
-                          progress=o.progress, probe=probe, probe_every=self.probe_every)
+                          progress=o.progress and (shards is None or shards.is_main),
+                          probe=probe, probe_every=self.probe_every, shards=shards)
         self._finish(stage)
 
     def _seconds_before(self, stage: str) -> float:
