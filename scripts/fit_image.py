@@ -24,11 +24,19 @@ def main():
     p.add_argument("--crop", type=int, default=0, help="centre crop size (0: whole image)")
     p.add_argument("--grid", type=int, nargs="+", default=[16, 16],
                    help="cells per axis: ROWS [COLS]")
+    p.add_argument("--cells_in_memory", type=int, default=0,
+                   help="fit the cells in bands of at most this many, reading the image "
+                        "lazily (an uncompressed TIFF or .npy) and writing reconstruction.tif "
+                        "band by band: memory set by the band, not the image (0: all at once)")
     args = parse_args(p)
     require_positive(args, "grid")
     if len(args.grid) > 2:
         raise UserError(f"--grid takes one or two numbers (ROWS [COLS]), got {args.grid}")
+    if args.cells_in_memory < 0:
+        raise UserError(f"--cells_in_memory {args.cells_in_memory}: must be >= 0")
     device = setup_run(args)
+    if args.cells_in_memory:
+        return fit_banded(args, device)
     with for_option("--image", args.image):
         img = load_image(args.image)
     if args.crop > 0:
@@ -49,6 +57,45 @@ def main():
     m = run_fit(args, "image", problem, model, target=args.target_psnr, export=export)
     print(f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} after {m['train_seconds']:.1f} s "
           f"({m['function_evals']} evaluations); outputs in {args.out_dir}")
+
+
+def fit_banded(args, device):
+    """The out-of-core path: the image read lazily, the cells fitted band by band."""
+    import torch
+
+    from kilonerf_lbfgs.io import save_json
+    from kilonerf_lbfgs.multinet import MultiMLP
+    from kilonerf_lbfgs.runner import fit_config_from_args
+    from kilonerf_lbfgs.signals.large_image import fit_large_image, open_lazy
+    if args.image is None or args.image in ("astronaut", "camera", "coffee"):
+        raise UserError("--cells_in_memory needs --image FILE (an uncompressed TIFF or .npy)")
+    with for_option("--image", args.image):
+        image = open_lazy(args.image)
+    rows, cols = args.grid[0], args.grid[-1]
+    channels = 1 if image.ndim == 2 else min(image.shape[2], 3)
+    print(f"image {image.shape[0]}x{image.shape[1]}x{channels} ({image.dtype}), "
+          f"{rows * cols} cells in bands of at most {max(args.cells_in_memory, cols)}, "
+          f"{args.optimizer} on {device}")
+
+    def make_model(n, band):
+        gen = torch.Generator().manual_seed(int(args.seed) * 1_000_003 + band)
+        return MultiMLP(n, 2, channels, args.width, args.depth, args.activation,
+                        omega_0=args.omega_0, sigma=args.sigma, pe_freqs=args.pe_freqs,
+                        generator=gen).to(device)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    cfg = fit_config_from_args(args, args.target_psnr, desc="band")
+    with for_option("--grid", args.grid):
+        m = fit_large_image(image, (rows, cols), args.cells_in_memory, make_model, cfg,
+                            os.path.join(args.out_dir, "reconstruction.tif"),
+                            os.path.join(args.out_dir, "weights"), resume=args.resume,
+                            device=device)
+    m.update(modality="image", optimizer=args.optimizer, seed=args.seed,
+             cells_in_memory=args.cells_in_memory)
+    save_json(os.path.join(args.out_dir, "metrics.json"), m)
+    print(f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} after {m['train_seconds']:.1f} s "
+          f"({m['function_evals']} evaluations), peak memory {m['peak_rss_mb']:.0f} MB; "
+          f"outputs in {args.out_dir}")
 
 
 if __name__ == "__main__":

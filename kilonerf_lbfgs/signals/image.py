@@ -55,19 +55,26 @@ class ImageProblem(PackedMSEProblem):
     Args:
         image: ``[H, W, C]`` float in [0, 1].
         grid: ``(rows, cols)`` cells.
+        row_box: for a horizontal band of a larger image: the band's extent ``(y0, y1)`` in
+            the whole image's row coordinates (its cells are then exactly the whole image's
+            cells of those rows), and ``row_offset`` the band's first pixel row.
     """
 
     def __init__(self, image: np.ndarray, grid: Sequence[int], device="cpu",
-                 dtype=torch.float32):
+                 dtype=torch.float32, row_box: Optional[Sequence[float]] = None,
+                 row_offset: int = 0):
         h, w, c = image.shape
         rows, cols = int(grid[0]), int(grid[-1])
-        if rows > h or cols > w:
+        if row_box is None and (rows > h or cols > w):
             raise ValueError(f"grid {rows} {cols}: more cells than pixels in a "
                              f"{h}x{w} image")
+        y0, y1 = (0.0, float(h)) if row_box is None else (float(row_box[0]), float(row_box[1]))
         self.shape = (h, w, c)
-        self.grid = CellGrid([0.0, 0.0], [float(h), float(w)], [rows, cols])
+        self.grid = CellGrid([y0, 0.0], [y1, float(w)], [rows, cols])
         values = torch.as_tensor(image.reshape(-1, c), dtype=torch.float64)
-        super().__init__(pack_samples(pixel_centers(h, w), values, self.grid, dtype).to(device))
+        centres = pixel_centers(h, w)
+        centres[:, 0] += row_offset
+        super().__init__(pack_samples(centres, values, self.grid, dtype).to(device))
 
     @torch.no_grad()
     def reconstruct(self, model) -> np.ndarray:
