@@ -28,6 +28,7 @@ ORDER = (
     "nerf_lego", "nerf_routes", "nerf_pipeline_race", "nerf_pipeline_race_quick",
     "nerf_pipeline_fresh", "nerf_pipeline_coupled_quick", "nerf_demo_routes",
     "nerf_demo_output_targets", "nerf_pipeline_3seeds", "nerf_direct_lr_sweep_quick",
+    "nerf_own_scene_routes",
     "nerf_distill_calibration", "nerf_distill_race", "nerf_distill_calibration_quick",
     "nerf_distill_race_quick", "nerf_distill_sampling", "hash_teacher",
     "image_fidelity", "image_fidelity_quick", "image_compression", "image_compression_quick",
