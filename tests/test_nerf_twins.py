@@ -95,16 +95,14 @@ def test_teacher_colour_skipping_matches_every_colour():
         assert float((a - b).abs().max()) <= 1e-2 * scale
 
 
-def test_coupled_lbfgs_route_learns_with_one_objective_per_batch(tmp_path):
-    """Direct route, coupled BatchedLBFGS: every batch is a new objective (first evaluated at
-    the current point), so the optimiser's loss never mixes batches, and the fit improves."""
+def _tiny_direct_scene(tmp_path):
+    """A 16x16 demo scene, an untrained 4^3 field and an empty occupancy grid for a direct-
+    route test: (data, train split, settings, field, marcher, test PSNR before, evaluate,
+    RayBank)."""
     from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
     from kilonerf_lbfgs.nerf.data.loaders import load_dataset
     from kilonerf_lbfgs.nerf.data.rays import RayBank
     from kilonerf_lbfgs.nerf.evaluate import evaluate
-    from kilonerf_lbfgs.nerf.train.photometric import (LoopState, PhotometricConfig,
-                                                       make_photometric_optimizer,
-                                                       train_photometric)
     from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions
     torch.manual_seed(0)
     data = load_dataset(generate_demo_scene(str(tmp_path), size=16, n_train=12, n_test=2))
@@ -115,6 +113,16 @@ def test_coupled_lbfgs_route_learns_with_one_objective_per_batch(tmp_path):
                           omega_0=10.0, generator=torch.Generator().manual_seed(0))
     marcher = Marcher(BOX, 32, threshold=opts.occ_threshold)
     before = evaluate(field, marcher, data["test"], rs, progress=False)["test_psnr"]
+    return data, train, rs, field, marcher, before, evaluate, RayBank
+
+
+def test_coupled_lbfgs_route_learns_with_one_objective_per_batch(tmp_path):
+    """Direct route, coupled BatchedLBFGS: every batch is a new objective (first evaluated at
+    the current point), so the optimiser's loss never mixes batches, and the fit improves."""
+    from kilonerf_lbfgs.nerf.train.photometric import (LoopState, PhotometricConfig,
+                                                       make_photometric_optimizer,
+                                                       train_photometric)
+    data, train, rs, field, marcher, before, evaluate, RayBank = _tiny_direct_scene(tmp_path)
     cfg = PhotometricConfig(optimizer="lbfgs", batch_rays=1024, seconds=1e9, max_steps=12,
                             lbfgs_evals=5, history_size=10)
     opt = make_photometric_optimizer(field, cfg)
@@ -137,23 +145,10 @@ def test_coupled_lbfgs_route_learns_with_one_objective_per_batch(tmp_path):
 def test_output_targets_route_fits_every_cell_on_its_samples_and_learns(tmp_path):
     """Direct route, lbfgs_targets: every batch becomes per-sample targets, every cell fits
     its own with BatchedLBFGS (a per-cell, separable closure), and the fit improves."""
-    from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
-    from kilonerf_lbfgs.nerf.data.loaders import load_dataset
-    from kilonerf_lbfgs.nerf.data.rays import RayBank
-    from kilonerf_lbfgs.nerf.evaluate import evaluate
     from kilonerf_lbfgs.nerf.train.photometric import (LoopState, PhotometricConfig,
                                                        make_photometric_optimizer,
                                                        train_photometric)
-    from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions
-    torch.manual_seed(0)
-    data = load_dataset(generate_demo_scene(str(tmp_path), size=16, n_train=12, n_test=2))
-    train = data["train"]
-    opts = NerfOptions(aabb=BOX, near=train.near, far=train.far)
-    rs = opts.settings("cpu")
-    field = KiloNeRFField(BOX, 4, None, width=16, depth=2, feature_dim=4, head_width=16,
-                          omega_0=10.0, generator=torch.Generator().manual_seed(0))
-    marcher = Marcher(BOX, 32, threshold=opts.occ_threshold)
-    before = evaluate(field, marcher, data["test"], rs, progress=False)["test_psnr"]
+    data, train, rs, field, marcher, before, evaluate, RayBank = _tiny_direct_scene(tmp_path)
     cfg = PhotometricConfig(optimizer="lbfgs_targets", batch_rays=1024, seconds=1e9,
                             max_steps=12, lbfgs_evals=4, history_size=10)
     opt = make_photometric_optimizer(field, cfg)
