@@ -154,9 +154,8 @@ def fit_large_image(image: np.ndarray, grid: Sequence[int], cells_in_memory: int
         model = make_model(n, band.index)
         wpath = os.path.join(weights_dir, f"band_{band.index:05d}.pt")
         if resume and os.path.isfile(wpath):
-            model.load_state_dict(torch.load(wpath, map_location=device,
-                                             weights_only=False)["model"])
-            done = torch.load(wpath, map_location="cpu", weights_only=False)
+            done = torch.load(wpath, map_location=device, weights_only=False)
+            model.load_state_dict(done["model"])
             seconds += done["train_seconds"]
             evals += done["function_evals"]
         else:

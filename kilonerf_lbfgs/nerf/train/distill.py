@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ...fitting import Callback, CellProblem, FitState
+from ...fitting import CellProblem, Resample
 from ...metrics import psnr_from_mse
 from ..fields.kilonerf import KiloNeRFField
 from ..data.rays import RayBank
@@ -186,7 +186,7 @@ class DistillProblem(CellProblem):
         self.weight = samples.mask.float() / samples.counts.clamp(min=1).float()[:, None]
 
 
-class FreshUniformSamples(Callback):
+class FreshUniformSamples(Resample):
     """A :func:`~kilonerf_lbfgs.fitting.fit` callback: before every step but the first,
     ``problem`` gets a fresh draw of :func:`uniform_distill_samples` (``n_per_cell`` per
     network), and an optimiser with ``new_objective`` (:class:`BatchedLBFGS`) is told, so
@@ -198,21 +198,14 @@ class FreshUniformSamples(Callback):
     (fitting it well and generalising badly), fresh samples are not.
     """
 
-    timed = True
-
     def __init__(self, problem: DistillProblem, teacher, field: KiloNeRFField,
                  n_per_cell: int, step_size: float, generator: torch.Generator,
                  keep_history: bool = True):
         self.problem, self.teacher, self.field = problem, teacher, field
         self.n_per_cell, self.step_size, self.generator = n_per_cell, step_size, generator
-        self.keep_history = keep_history
-        self._first = True
+        # a draw before every step but the first (every step spends at least 1 evaluation)
+        super().__init__(self._draw, every=1, keep_history=keep_history)
 
-    def on_step_begin(self, state: FitState) -> None:
-        if self._first:              # the problem's own samples serve the first step
-            self._first = False
-            return
+    def _draw(self) -> None:
         self.problem.set_samples(uniform_distill_samples(
             self.teacher, self.field, self.n_per_cell, self.step_size, self.generator))
-        if hasattr(state.optimizer, "new_objective"):
-            state.optimizer.new_objective(keep_history=self.keep_history)
