@@ -276,13 +276,17 @@ def run_main(main: Callable[[], None]) -> None:
     from . import distributed           # under torchrun: leave the process group cleanly
     try:
         main()
-        distributed.shutdown()
+        if distributed.current() is not None:
+            distributed.shutdown()
+            distributed.exit_process(0)
     except UserError as e:
         shards = distributed.current()
         distributed.shutdown(barrier=False)
         if shards is None or shards.is_main:         # one line, from rank 0 alone
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             print(f"error: {'; '.join(lines)}", file=sys.stderr)
+        if shards is not None:
+            distributed.exit_process(1)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept (continue with --resume)",

@@ -20,13 +20,15 @@ Example::
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
 import torch.distributed as torch_dist
 
-from .fitting import Callback, CellProblem, FitState
+from .config import UserError
+from .fitting import Callback, CellProblem, FitConfig, FitResult, FitState, fit
 
 
 @dataclass
@@ -91,6 +93,19 @@ def shutdown(barrier: bool = True) -> None:
         torch_dist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """End a torchrun worker after :func:`shutdown`: flush stdout and stderr, then exit
+    without the interpreter's teardown, during which gloo's worker threads occasionally
+    abort the process ("terminate called without an active exception", exit -6) even after
+    the group was destroyed, failing a finished run."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def gather_cells(t: torch.Tensor, shards: Shards, n_cells: int) -> torch.Tensor:
     """Every rank's block ``[k_r, ...]`` of a per-cell tensor -> the whole ``[n_cells, ...]``
     on every rank (padded to the largest block for ``all_gather``)."""
@@ -150,32 +165,51 @@ def select_state(obj: Any, cells: torch.Tensor, n_cells: int) -> Any:
 class ShardedProblem(CellProblem):
     """This rank's cells of ``full`` (``local = full.subset(cells)``, evaluated on a model
     holding just those cells); the quality is the whole signal's, from every rank's per-cell
-    losses, so every rank sees the same quality."""
+    losses (and, for a problem with ``cell_quality_stats``, its per-cell statistics such as
+    IoU counts), so every rank sees the same quality. When ``full``'s samples change (a fresh
+    draw bumps its ``version``) the local problem is cut again."""
 
     def __init__(self, full: CellProblem, shards: Shards):
         self.full, self.shards = full, shards
         self.n_total = full.n_cells
         self.cells = shards.cells(self.n_total)
-        self.local = full.subset(self.cells.to(_device_of(full)))
         self.quality_name = full.quality_name
+        self._cut()
+
+    def _cut(self) -> None:
+        self.local = self.full.subset(self.cells.to(_device_of(self.full)))
+        self._version = getattr(self.full, "version", 0)
+
+    def _current(self) -> CellProblem:
+        if getattr(self.full, "version", 0) != self._version:
+            self._cut()
+        return self.local
 
     @property
     def n_cells(self) -> int:
         return int(self.cells.numel())
 
     def cell_losses(self, model) -> torch.Tensor:
-        return self.local.cell_losses(model)
+        return self._current().cell_losses(model)
 
     def loss_and_backward(self, model) -> torch.Tensor:
-        return self.local.loss_and_backward(model)
+        return self._current().loss_and_backward(model)
 
     def quality(self, cell_losses: torch.Tensor) -> float:
-        return self.full.quality(gather_cells(cell_losses.detach(), self.shards, self.n_total))
+        losses = gather_cells(cell_losses.detach(), self.shards, self.n_total)
+        stats = getattr(self.local, "cell_quality_stats", None)
+        if stats is None:
+            return self.full.quality(losses)
+        return self.full.quality_from_stats(
+            losses, gather_cells(stats(), self.shards, self.n_total))
 
 
 def _device_of(problem) -> torch.device:
     packed = getattr(problem, "packed", None)
-    return packed.x.device if packed is not None else torch.device("cpu")
+    if packed is not None:
+        return packed.x.device
+    samples = getattr(problem, "samples", None)
+    return samples.counts.device if samples is not None else torch.device("cpu")
 
 
 class AgreeAcrossRanks(Callback):
@@ -194,5 +228,69 @@ class AgreeAcrossRanks(Callback):
             state.stop = None
 
 
-__all__ = ["Shards", "current", "init_from_env", "shutdown", "world_size_from_env", "gather_cells",
-           "gather_state", "select_state", "all_max", "ShardedProblem", "AgreeAcrossRanks"]
+def fit_sharded(shards: Shards, model, problem: CellProblem, cfg: FitConfig,
+                resume: Optional[dict] = None, extra_ckpt: Optional[dict] = None,
+                callbacks=()) -> FitResult:
+    """:func:`~kilonerf_lbfgs.fitting.fit` of this rank's cells: a contiguous block of the
+    model's cells (``model.select(cells)``), their own optimiser, the whole signal's quality
+    (:class:`ShardedProblem`); ``problem.shardable`` must hold. Checkpoints are gathered into
+    one file (written by rank 0) in the single-process layout, so any number of ranks resumes
+    from it; ``resume`` is such a checkpoint. On return ``model`` holds every rank's cells.
+
+    ``model`` is any cell model with ``n_cells`` and ``select(cells [k]) -> model of those
+    cells`` whose parameters all have the cell as their first dimension
+    (:class:`~kilonerf_lbfgs.multinet.MultiMLP`, the NeRF field).
+    """
+    n = model.n_cells
+    if n < shards.world:
+        raise UserError(f"{shards.world} processes for {n} cells: use at most {n} processes "
+                        f"(--nproc_per_node) or a finer grid")
+    if not getattr(problem, "shardable", False):
+        raise UserError(f"{type(problem).__name__} cannot be sharded over processes yet; run "
+                        f"it as one process (without torchrun)")
+    sharded = ShardedProblem(problem, shards)
+    cells = sharded.cells.to(next(model.parameters()).device)
+    if resume is not None:          # the whole model first: buffers stay the whole model's
+        model.load_state_dict(resume["model"])
+    local = model.select(cells)
+    n_local = local.n_cells
+    params = {k for k, _ in model.named_parameters()}
+    if resume is not None:
+        best = resume.get("best")
+        if best is not None:
+            best = {**best, "model": {**local.state_dict(), **{
+                k: v.index_select(0, cells.to(v.device)) for k, v in best["model"].items()
+                if k in params}}}
+        resume = {**resume, "model": local.state_dict(), "best": best,
+                  "optimizer": select_state(resume["optimizer"], cells, n)}
+    cfg.progress = cfg.progress and shards.is_main
+    path = cfg.ckpt_path
+    full_state = model.state_dict()
+
+    def whole_model(state: dict) -> dict:
+        return {k: gather_cells(v, shards, n) if k in params else full_state[k]
+                for k, v in state.items()}
+
+    def save(payload: dict) -> None:
+        whole = dict(payload)
+        whole["model"] = whole_model(payload["model"])
+        whole["optimizer"] = gather_state(payload["optimizer"], shards, n_local, n)
+        best = payload.get("best")
+        has_best = all_max(0.0 if best is None else 1.0, shards) > 0
+        if has_best:
+            whole["best"] = {**best, "model": whole_model(best["model"])}
+        if shards.is_main and path is not None:
+            from .io import save_checkpoint
+            save_checkpoint(path, whole)
+
+    result = fit(local, sharded, cfg, resume=resume, extra_ckpt=extra_ckpt, save=save,
+                 callbacks=list(callbacks) + [AgreeAcrossRanks(shards)])
+    with torch.no_grad():
+        for dst, src in zip(model.parameters(), local.parameters()):
+            dst.copy_(gather_cells(src.detach(), shards, n))
+    return result
+
+
+__all__ = ["Shards", "current", "init_from_env", "shutdown", "exit_process",
+           "world_size_from_env", "gather_cells", "gather_state", "select_state", "all_max",
+           "ShardedProblem", "AgreeAcrossRanks", "fit_sharded"]

@@ -49,6 +49,7 @@ class PackedMSEProblem(CellProblem):
             raise ValueError(f"set_packed: {packed.n_cells} cells, the problem has "
                              f"{self.packed.n_cells}")
         self.packed = packed
+        self.version = getattr(self, "version", -1) + 1     # which draw of samples this is
         x = packed.x
         # equal cells see the same local coordinates: evaluate them as one shared set
         self.x_eval = x[:1] if packed.mask is None and bool((x == x[:1]).all()) else x

@@ -14,7 +14,7 @@ from .activations import ACTIVATIONS
 from .backends import resolve_device
 from .config import UserError, add_options, for_option, option
 from .fitting import CellProblem, FitConfig, FitResult, fit
-from .io import load_checkpoint, plot_convergence, save_checkpoint, save_json
+from .io import load_checkpoint, plot_convergence, save_json
 from .multinet import MultiMLP
 
 
@@ -92,7 +92,7 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
         result: FitResult = fit(model, problem, cfg, resume=resume, extra_ckpt=extra,
                                 callbacks=callbacks)
     else:
-        result = _fit_sharded(shards, model, problem, cfg, resume, extra, callbacks)
+        result = distributed.fit_sharded(shards, model, problem, cfg, resume, extra, callbacks)
         if not shards.is_main:          # rank 0 writes the outputs; the others get its metrics
             return _broadcast_from_main(None)
     metrics = {
@@ -121,40 +121,6 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
     if shards is not None:
         _broadcast_from_main(metrics)
     return metrics
-
-
-def _fit_sharded(shards, model: MultiMLP, problem: CellProblem, cfg: FitConfig,
-                 resume: Optional[Dict], extra: Dict, callbacks) -> FitResult:
-    """The fit of this rank's cells (torchrun): a contiguous block of cells, their own
-    optimiser, the whole signal's quality; checkpoints gathered into one file that any number
-    of ranks resumes from. On return ``model`` holds every rank's cells."""
-    n = model.n_cells
-    if n < shards.world:
-        raise UserError(f"{shards.world} processes for {n} cells: use at most {n} processes "
-                        f"(--nproc_per_node) or a finer --grid")
-    if not getattr(problem, "shardable", False):
-        raise UserError(f"{type(problem).__name__} cannot be sharded over processes yet; run "
-                        f"it as one process (without torchrun)")
-    sharded = distributed.ShardedProblem(problem, shards)
-    cells = sharded.cells.to(next(model.parameters()).device)
-    local = model.select(cells)
-    n_local = local.n_cells
-    if resume is not None:
-        resume = distributed.select_state(resume, cells, n)
-    cfg.progress = cfg.progress and shards.is_main
-    path = cfg.ckpt_path
-
-    def save(payload):
-        whole = distributed.gather_state(payload, shards, n_local, n)
-        if shards.is_main and path is not None:
-            save_checkpoint(path, whole)
-
-    result = fit(local, sharded, cfg, resume=resume, extra_ckpt=extra, save=save,
-                 callbacks=list(callbacks) + [distributed.AgreeAcrossRanks(shards)])
-    with torch.no_grad():
-        for dst, src in zip(model.parameters(), local.parameters()):
-            dst.copy_(distributed.gather_cells(src.detach(), shards, n))
-    return result
 
 
 def _broadcast_from_main(obj):

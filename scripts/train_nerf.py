@@ -32,10 +32,10 @@ def main():
     args = parse_args(p)
     device = setup_run(args)
     shards = distributed.current()
-    if shards is not None and (args.route != "direct" or args.optimizer != "adam"):
-        raise UserError(f"under torchrun train_nerf.py trains data parallel with --route direct "
-                        f"--optimizer adam only (not {args.route} / {args.optimizer}); run the "
-                        f"other routes as one process")
+    if shards is not None and args.route == "direct" and args.optimizer != "adam":
+        raise UserError(f"under torchrun the direct route trains data parallel with --optimizer "
+                        f"adam only (not {args.optimizer}); use --route distill (its networks "
+                        f"are sharded over the processes) or run as one process")
     data = load_scene(args, search_dirs=[REPO])
     opts = options_from_args(args, data["train"])
     os.makedirs(args.out_dir, exist_ok=True)

@@ -146,12 +146,13 @@ def fit_large_image(image: np.ndarray, grid: Sequence[int], cells_in_memory: int
     tmp = out_path + ".part.tif"
     out = tifffile.memmap(tmp, shape=(h, w, c) if c > 1 else (h, w), dtype=image.dtype,
                           photometric="rgb" if c == 3 else "minisblack")
-    sse, count, ssim_sum, seconds, evals = 0.0, 0, 0.0, 0.0, 0
+    sse, count, ssim_sum, seconds, evals, params_per_cell = 0.0, 0, 0.0, 0.0, 0, 0
     total_cells = rows * cols
     for band in bands:
         problem = band_problem(image, grid, band, device)
         n = problem.n_cells
         model = make_model(n, band.index)
+        params_per_cell = getattr(model, "params_per_cell", 0)
         wpath = os.path.join(weights_dir, f"band_{band.index:05d}.pt")
         if resume and os.path.isfile(wpath):
             done = torch.load(wpath, map_location=device, weights_only=False)
@@ -190,7 +191,8 @@ def fit_large_image(image: np.ndarray, grid: Sequence[int], cells_in_memory: int
     mse = sse / max(count, 1)
     return {"psnr": -10.0 * math.log10(max(mse, 1e-300)), "ssim": ssim_sum / h,
             "train_seconds": seconds, "function_evals": evals, "bands": len(bands),
-            "cells": total_cells, "image_shape": [h, w, c], "peak_rss_mb": peak_rss_mb()}
+            "cells": total_cells, "params_per_cell": params_per_cell, "image_shape": [h, w, c],
+            "peak_rss_mb": peak_rss_mb()}
 
 
 __all__ = ["open_lazy", "to_unit", "from_unit", "band_rows", "plan_bands", "band_problem",

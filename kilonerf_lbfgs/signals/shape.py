@@ -212,7 +212,8 @@ class ShapeProblem(PackedMSEProblem):
     """
 
     quality_name = "iou"
-    shardable = False           # the quality evaluates the whole model on held-out points
+    # the IoU follows from per-cell intersection and union counts (cell_quality_stats)
+    shardable = True
 
     def __init__(self, train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray,
                  eval_inside: np.ndarray, grid: Sequence[int], target: str = "occupancy",
@@ -260,13 +261,31 @@ class ShapeProblem(PackedMSEProblem):
         return super().loss_and_backward(model)
 
     @torch.no_grad()
-    def quality(self, cell_losses: torch.Tensor) -> float:
-        if self.model is None or not bool(torch.isfinite(cell_losses).all()):
-            return float("nan")
+    def cell_quality_stats(self) -> torch.Tensor:
+        """``[n_cells, 2]`` float64: per cell, the held-out points inside both the prediction
+        and the shape, and inside either (the last model given to :meth:`cell_losses`)."""
         ev = self.eval_packed
+        if self.model is None:
+            return torch.zeros(self.n_cells, 2, dtype=torch.float64, device=ev.x.device)
         pred = self.inside(self.model.forward_dense(ev.x)[..., 0])
+        true = ev.y[..., 0] > 0.5
         keep = ev.index >= 0
-        return iou(pred[keep].cpu().numpy(), ev.y[..., 0][keep].cpu().numpy() > 0.5)
+        both = (pred & true & keep).sum(-1)
+        either = ((pred | true) & keep).sum(-1)
+        return torch.stack([both, either], -1).double()
+
+    def quality_from_stats(self, cell_losses: torch.Tensor, stats: torch.Tensor) -> float:
+        """IoU from every cell's :meth:`cell_quality_stats` ``[n_cells, 2]`` (NaN when a loss
+        is not finite)."""
+        if not bool(torch.isfinite(cell_losses).all()):
+            return float("nan")
+        both, either = stats.sum(0).tolist()
+        return 1.0 if either == 0 else both / either
+
+    def quality(self, cell_losses: torch.Tensor) -> float:
+        if self.model is None:
+            return float("nan")
+        return self.quality_from_stats(cell_losses, self.cell_quality_stats())
 
     def subset(self, cells: torch.Tensor) -> "ShapeProblem":
         return ShapeProblem(None, None, None, None, self.grid.resolution, self.target,

@@ -75,6 +75,16 @@ class KiloNeRFField(nn.Module):
         return int(self.net_cells.numel())
 
     @property
+    def n_cells(self) -> int:
+        """The networks (one per occupied cell), as the fit loop counts cells."""
+        return self.n_nets
+
+    def select(self, nets: torch.Tensor) -> "KiloNeRFField":
+        """:meth:`subset` of networks ``nets [k]`` given in increasing order (one rank's
+        block of a sharded fit keeps its order)."""
+        return self.subset(nets)
+
+    @property
     def params_per_cell(self) -> int:
         return self.trunk.params_per_cell + self.head.params_per_cell
 

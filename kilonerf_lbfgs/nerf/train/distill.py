@@ -156,6 +156,7 @@ class DistillProblem(CellProblem):
     ``cell_losses(field) -> [n_nets]``, one independent loss per network."""
 
     quality_name = "distill_psnr"
+    shardable = True            # quality from the per-network losses and sample counts alone
 
     def __init__(self, samples: DistillSamples, step_size: float,
                  nets: Optional[torch.Tensor] = None):
@@ -183,6 +184,7 @@ class DistillProblem(CellProblem):
             raise ValueError(f"set_samples: {int(samples.counts.numel())} networks, the "
                              f"problem has {self.n_cells}")
         self.samples = samples
+        self.version = getattr(self, "version", -1) + 1     # which draw of samples this is
         self.weight = samples.mask.float() / samples.counts.clamp(min=1).float()[:, None]
 
 

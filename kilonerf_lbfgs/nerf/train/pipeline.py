@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ...distributed import current, fit_sharded
 from ...fitting import FitConfig, fit
 from ...grid import CellGrid
 from ...io import load_checkpoint, save_checkpoint
@@ -237,7 +238,6 @@ class NerfPipeline:
         return p
 
     def save(self, opt=None) -> None:
-        from ...distributed import current
         shards = current()
         if shards is None or shards.is_main:         # data parallel: rank 0 writes
             save_checkpoint(self.ckpt_path, self._payload(opt))
@@ -292,9 +292,11 @@ class NerfPipeline:
         cfg = PhotometricConfig(optimizer="adam", batch_rays=o.batch_rays,
                                 seconds=self.opts.budgets()["teacher"], tv_weight=o.tv_weight,
                                 max_steps=o.max_steps, desc="teacher")
+        shards = current()           # torchrun: data parallel (Adam)
         train_photometric(self.teacher, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
-                          progress=o.progress)
+                          progress=o.progress and (shards is None or shards.is_main),
+                          shards=shards)
         self.marcher.update(self.teacher.density, self.rs.step_size)
         self._finish("teacher")
 
@@ -339,8 +341,14 @@ class NerfPipeline:
             callbacks.append(FreshUniformSamples(
                 problem, self.teacher, self.field, o.distill_uniform_per_cell,
                 self.rs.step_size, torch.Generator().manual_seed(o.seed + 2)))
-        res = fit(self.field, problem, cfg, resume=resume,
-                  extra_ckpt={**pipeline_state, "fit_stage": True}, callbacks=callbacks)
+        extra = {**pipeline_state, "fit_stage": True}
+        shards = current()
+        if shards is None:
+            res = fit(self.field, problem, cfg, resume=resume, extra_ckpt=extra,
+                      callbacks=callbacks)
+        else:       # torchrun: the networks sharded over ranks (every rank draws all samples)
+            res = fit_sharded(shards, self.field, problem, cfg, resume=resume,
+                              extra_ckpt=extra, callbacks=callbacks)
         # _finish() writes the next checkpoint in the pipeline's layout (field under "field")
         self.loop = LoopState(res.train_seconds, res.steps, res.function_evals, res.history)
         if self.probe is not None:
@@ -364,7 +372,6 @@ class NerfPipeline:
         if self.probe is not None:
             offset = self._seconds_before(stage)
             probe = lambda s: self.probe(self.field, offset + s)  # noqa: E731
-        from ...distributed import current
         shards = current()
         train_photometric(self.field, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
