@@ -106,9 +106,11 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def gather_cells(t: torch.Tensor, shards: Shards, n_cells: int) -> torch.Tensor:
+def gather_cells(t: torch.Tensor, shards: Shards, n_cells: int,
+                 main_only: bool = False) -> Optional[torch.Tensor]:
     """Every rank's block ``[k_r, ...]`` of a per-cell tensor -> the whole ``[n_cells, ...]``
-    on every rank (padded to the largest block for ``all_gather``)."""
+    on every rank (padded to the largest block for ``all_gather``); with ``main_only``, on
+    rank 0 alone (the others get ``None`` and hold no copy), e.g. for a checkpoint."""
     b = shards.bounds(n_cells)
     sizes = [b[r + 1] - b[r] for r in range(shards.world)]
     if t.shape[0] != sizes[shards.rank]:
@@ -118,8 +120,15 @@ def gather_cells(t: torch.Tensor, shards: Shards, n_cells: int) -> torch.Tensor:
     comm_dtype = torch.uint8 if t.dtype == torch.bool else t.dtype
     pad = torch.zeros((big,) + tuple(t.shape[1:]), dtype=comm_dtype, device=shards.device)
     pad[:t.shape[0]] = t.to(shards.device, comm_dtype)
-    parts = [torch.empty_like(pad) for _ in range(shards.world)]
-    torch_dist.all_gather(parts, pad)
+    if main_only:
+        parts = [torch.empty_like(pad) for _ in range(shards.world)] if shards.is_main \
+            else None
+        torch_dist.gather(pad, parts, dst=0)
+        if not shards.is_main:
+            return None
+    else:
+        parts = [torch.empty_like(pad) for _ in range(shards.world)]
+        torch_dist.all_gather(parts, pad)
     out = torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
     return out.to(torch.bool) if t.dtype == torch.bool else out
 
@@ -130,19 +139,20 @@ def all_max(value: float, shards: Shards) -> float:
     return float(t.item())
 
 
-def gather_state(obj: Any, shards: Shards, n_local: int, n_cells: int) -> Any:
+def gather_state(obj: Any, shards: Shards, n_local: int, n_cells: int,
+                 main_only: bool = False) -> Any:
     """A state (model or optimiser ``state_dict``, nested dicts and lists) of this rank's
     cells -> the state of all cells: tensors whose first dimension is the rank's cell count
     are gathered along it; integers become their maximum over ranks (e.g. history slots
     used); anything else is taken as it is (the same on every rank)."""
     if torch.is_tensor(obj):
         if obj.dim() >= 1 and obj.shape[0] == n_local:
-            return gather_cells(obj, shards, n_cells)
+            return gather_cells(obj, shards, n_cells, main_only)
         return obj
     if isinstance(obj, dict):
-        return {k: gather_state(v, shards, n_local, n_cells) for k, v in obj.items()}
+        return {k: gather_state(v, shards, n_local, n_cells, main_only) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(gather_state(v, shards, n_local, n_cells) for v in obj)
+        return type(obj)(gather_state(v, shards, n_local, n_cells, main_only) for v in obj)
     if isinstance(obj, int) and not isinstance(obj, bool):
         return int(all_max(obj, shards))
     return obj
@@ -268,22 +278,23 @@ def fit_sharded(shards: Shards, model, problem: CellProblem, cfg: FitConfig,
     full_state = model.state_dict()
 
     def whole_model(state: dict) -> dict:
-        return {k: gather_cells(v, shards, n) if k in params else full_state[k]
+        return {k: gather_cells(v, shards, n, main_only=True) if k in params else full_state[k]
                 for k, v in state.items()}
 
-    def save(payload: dict) -> None:
+    def save(payload: dict) -> None:        # gathered on rank 0 alone, which writes it
         whole = dict(payload)
         whole["model"] = whole_model(payload["model"])
-        whole["optimizer"] = gather_state(payload["optimizer"], shards, n_local, n)
+        whole["optimizer"] = gather_state(payload["optimizer"], shards, n_local, n,
+                                          main_only=True)
         best = payload.get("best")
-        has_best = all_max(0.0 if best is None else 1.0, shards) > 0
-        if has_best:
+        if all_max(0.0 if best is None else 1.0, shards) > 0:
             whole["best"] = {**best, "model": whole_model(best["model"])}
-        if shards.is_main and path is not None:
+        if shards.is_main:
             from .io import save_checkpoint
             save_checkpoint(path, whole)
 
-    result = fit(local, sharded, cfg, resume=resume, extra_ckpt=extra_ckpt, save=save,
+    result = fit(local, sharded, cfg, resume=resume, extra_ckpt=extra_ckpt,
+                 save=save if path is not None else None,
                  callbacks=list(callbacks) + [AgreeAcrossRanks(shards)])
     with torch.no_grad():
         for dst, src in zip(model.parameters(), local.parameters()):
