@@ -34,7 +34,7 @@ CFG = FitConfig(max_seconds=600, max_evals=15, progress=False, keep_best=False)
 def test_bands_cover_every_pixel_row_once():
     for h, rows, k in ((45, 4, 3), (100, 7, 14), (9, 9, 1)):
         bands = plan_bands(h, (rows, 1), k)
-        covered = [r for b in bands for r in range(*b.pixel_rows)]
+        covered = [r for b in bands for r in range(*b.samples)]
         assert covered == list(range(h))
 
 
@@ -86,7 +86,7 @@ def test_band_problem_cells_are_the_whole_images_cells():
     whole = ImageProblem(to_unit(img), grid)
     for band in plan_bands(45, grid, 6):
         part = band_problem(img, grid, band)
-        i0, i1 = band.cell_rows
+        i0, i1 = band.cells
         cells = torch.arange(i0 * 3, i1 * 3)
         sub = whole.packed.select(cells)
         assert torch.equal(part.packed.counts, sub.counts)

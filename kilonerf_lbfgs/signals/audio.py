@@ -65,20 +65,29 @@ def omega_for_cells(wave: np.ndarray, samples_per_cell: int) -> float:
     ``pi b N / 2`` in local units. SIREN's first layer reaches frequencies up to about
     ``omega_0`` (weights in ``[-1/d, 1/d]``, ``d = 1``), so that is the choice, floored at 30.
     """
-    b = bandwidth_fraction(wave)
+    return omega_from_bandwidth(bandwidth_fraction(wave), samples_per_cell)
+
+
+def omega_from_bandwidth(b: float, samples_per_cell: float) -> float:
+    """:func:`omega_for_cells` from the bandwidth fraction ``b`` of Nyquist."""
     return max(30.0, math.pi * b * samples_per_cell / 2.0)
 
 
 class AudioProblem(PackedMSEProblem):
     """Per-cell MSE of a grid of networks against a waveform ``[T, C]``."""
 
-    def __init__(self, wave: np.ndarray, n_cells: int, device="cpu", dtype=torch.float32):
+    def __init__(self, wave: np.ndarray, n_cells: int, device="cpu", dtype=torch.float32,
+                 box: Optional[Tuple[float, float]] = None, offset: int = 0):
+        """``box`` (default ``[0, T]``) and ``offset`` (the index of ``wave``'s first
+        sample) place a stretch of a longer signal: its cells are then the longer signal's
+        cells of that box, with the same local coordinates (a streamed fit)."""
         t, c = wave.shape
         if n_cells <= 0 or n_cells > t:
             raise ValueError(f"n_cells {n_cells}: must lie in [1, {t}] for {t} samples")
         self.shape = (t, c)
-        self.grid = CellGrid([0.0], [float(t)], [n_cells])
-        coords = (torch.arange(t, dtype=torch.float64) + 0.5)[:, None]
+        lo, hi = (0.0, float(t)) if box is None else (float(box[0]), float(box[1]))
+        self.grid = CellGrid([lo], [hi], [n_cells])
+        coords = (torch.arange(t, dtype=torch.float64) + offset + 0.5)[:, None]
         values = torch.as_tensor(wave, dtype=torch.float64)
         super().__init__(pack_samples(coords, values, self.grid, dtype).to(device),
                          data_range=2.0)

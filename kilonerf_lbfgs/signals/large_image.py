@@ -14,17 +14,14 @@ is set by the band, not by the image.
 """
 from __future__ import annotations
 
-import math
 import os
-import resource
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
 
-from ..fitting import FitConfig, fit
-from ..io import save_checkpoint
+from ..fitting import FitConfig
+from ..streaming import Group, fit_groups, peak_rss_mb, plan_groups
 from .image import ImageProblem
 
 LAZY_EXTS = (".tif", ".tiff", ".npy")
@@ -83,57 +80,37 @@ def from_unit(block: np.ndarray, dtype) -> np.ndarray:
     return block.astype(dtype)
 
 
-def band_rows(h: int, rows: int, i0: int, i1: int) -> Tuple[int, int]:
-    """Pixel rows ``[r0, r1)`` whose centres lie in cell rows ``[i0, i1)`` of ``rows``."""
-    y0, y1 = i0 * h / rows, i1 * h / rows
-    return int(math.ceil(y0 - 0.5)), int(math.ceil(y1 - 0.5))
-
-
-@dataclass
-class Band:
-    index: int
-    cell_rows: Tuple[int, int]
-    pixel_rows: Tuple[int, int]
-
-
-def plan_bands(h: int, grid: Sequence[int], cells_in_memory: int) -> List[Band]:
-    """Bands of whole cell rows with at most ``cells_in_memory`` cells (at least one row)."""
+def plan_bands(h: int, grid: Sequence[int], cells_in_memory: int) -> List[Group]:
+    """Bands of whole cell rows with at most ``cells_in_memory`` cells (at least one row):
+    :class:`~kilonerf_lbfgs.streaming.Group` s whose ``cells`` are cell rows and whose
+    ``samples`` are pixel rows."""
     rows, cols = int(grid[0]), int(grid[-1])
-    per_band = max(1, int(cells_in_memory) // cols)
-    out = []
-    for k, i0 in enumerate(range(0, rows, per_band)):
-        i1 = min(rows, i0 + per_band)
-        out.append(Band(k, (i0, i1), band_rows(h, rows, i0, i1)))
-    return out
+    return plan_groups(h, rows, max(1, int(cells_in_memory) // cols))
 
 
-def band_problem(image: np.ndarray, grid: Sequence[int], band: Band, device="cpu"
+def band_problem(image: np.ndarray, grid: Sequence[int], band: Group, device="cpu"
                  ) -> ImageProblem:
     """The band's cells as an :class:`ImageProblem` (the band's pixels read here)."""
     h = image.shape[0]
     rows, cols = int(grid[0]), int(grid[-1])
-    (i0, i1), (r0, r1) = band.cell_rows, band.pixel_rows
+    (i0, i1), (r0, r1) = band.cells, band.samples
     pixels = to_unit(np.asarray(image[r0:r1]))
     return ImageProblem(pixels, (i1 - i0, cols), device=device,
                         row_box=(i0 * h / rows, i1 * h / rows), row_offset=r0)
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def fit_large_image(image: np.ndarray, grid: Sequence[int], cells_in_memory: int,
                     make_model: Callable[[int, int], torch.nn.Module], cfg: FitConfig,
                     out_path: str, weights_dir: str, resume: bool = False, device="cpu",
                     log: Callable[[str], None] = print) -> Dict:
-    """Fit ``image`` (a lazy ``[H, W(, C)]`` array) band by band; write the reconstruction
-    to ``out_path`` (TIFF of the image's size and type; written to a temporary name and
-    renamed at the end, so it is never half-written) and each band's weights to
-    ``weights_dir/band_NNNNN.pt``. ``make_model(n_cells, band_index)`` builds a band's
-    networks; ``cfg`` is each band's fit (its ``max_seconds`` is the whole budget and is
-    shared out by cells). With ``resume``, bands whose weights exist are reconstructed from
-    them instead of fitted again. Returns PSNR, SSIM, seconds, evaluations, peak memory."""
+    """Fit ``image`` (a lazy ``[H, W(, C)]`` array) band by band
+    (:func:`~kilonerf_lbfgs.streaming.fit_groups`); write the reconstruction to ``out_path``
+    (TIFF of the image's size and type; written to a temporary name and renamed at the end,
+    so it is never half-written) and each band's weights to ``weights_dir/band_NNNNN.pt``.
+    ``make_model(n_cells, band_index)`` builds a band's networks; ``cfg`` is each band's fit
+    (its ``max_seconds`` is the whole budget and is shared out by cells). With ``resume``,
+    bands whose weights exist are reconstructed from them instead of fitted again. Returns
+    PSNR, SSIM, seconds, evaluations, peak memory."""
     import tifffile
     from skimage.metrics import structural_similarity
     h, w = image.shape[:2]
@@ -142,58 +119,28 @@ def fit_large_image(image: np.ndarray, grid: Sequence[int], cells_in_memory: int
     if rows > h or cols > w:
         raise ValueError(f"grid {rows} {cols}: more cells than pixels in a {h}x{w} image")
     bands = plan_bands(h, grid, cells_in_memory)
-    os.makedirs(weights_dir, exist_ok=True)
     tmp = out_path + ".part.tif"
     out = tifffile.memmap(tmp, shape=(h, w, c) if c > 1 else (h, w), dtype=image.dtype,
                           photometric="rgb" if c == 3 else "minisblack")
-    sse, count, ssim_sum, seconds, evals, params_per_cell = 0.0, 0, 0.0, 0.0, 0, 0
-    total_cells = rows * cols
-    for band in bands:
-        problem = band_problem(image, grid, band, device)
-        n = problem.n_cells
-        model = make_model(n, band.index)
-        params_per_cell = getattr(model, "params_per_cell", 0)
-        wpath = os.path.join(weights_dir, f"band_{band.index:05d}.pt")
-        if resume and os.path.isfile(wpath):
-            done = torch.load(wpath, map_location=device, weights_only=False)
-            model.load_state_dict(done["model"])
-            seconds += done["train_seconds"]
-            evals += done["function_evals"]
-        else:
-            band_cfg = FitConfig(**{**cfg.__dict__, "max_seconds":
-                                    cfg.max_seconds * n / total_cells, "ckpt_path": None,
-                                    "desc": f"band {band.index + 1}/{len(bands)}"})
-            res = fit(model, problem, band_cfg)
-            seconds += res.train_seconds
-            evals += res.function_evals
-            save_checkpoint(wpath, {"model": model.state_dict(), "band": band.__dict__,
-                                    "train_seconds": res.train_seconds,
-                                    "function_evals": res.function_evals})
-        recon = problem.reconstruct(model).astype(np.float32)
-        target = problem.packed.unpack(problem.packed.y.double()).reshape(recon.shape)
-        target = target.cpu().numpy().astype(np.float32)
-        r0, r1 = band.pixel_rows
+    ssim_sum = [0.0]
+
+    def write(band: Group, recon: np.ndarray, target: np.ndarray) -> None:
+        r0, r1 = band.samples
         block = from_unit(recon, image.dtype)
         out[r0:r1] = block if c > 1 else block[:, :, 0]
-        err = np.clip(recon, 0, 1).astype(np.float64) - target
-        sse += float((err ** 2).sum())
-        count += err.size
         if min(recon.shape[:2]) >= 7:
-            ssim_sum += structural_similarity(np.clip(recon, 0, 1), target, data_range=1.0,
-                                              channel_axis=2) * recon.shape[0]
-        log(f"band {band.index + 1}/{len(bands)}: rows {r0}-{r1}, {n} cells; PSNR so far "
-            f"{-10 * math.log10(max(sse / count, 1e-300)):.2f} dB, peak memory "
-            f"{peak_rss_mb():.0f} MB")
-        del problem, model
+            ssim_sum[0] += structural_similarity(np.clip(recon, 0, 1), target, data_range=1.0,
+                                                 channel_axis=2) * recon.shape[0]
+
+    m = fit_groups(bands, lambda band: band_problem(image, grid, band, device), make_model,
+                   cfg, weights_dir, write, rows * cols, (0.0, 1.0), resume, device, log,
+                   unit="band")
     out.flush()
-    del out
+    out = None                  # unmap before the rename
     os.replace(tmp, out_path)
-    mse = sse / max(count, 1)
-    return {"psnr": -10.0 * math.log10(max(mse, 1e-300)), "ssim": ssim_sum / h,
-            "train_seconds": seconds, "function_evals": evals, "bands": len(bands),
-            "cells": total_cells, "params_per_cell": params_per_cell, "image_shape": [h, w, c],
-            "peak_rss_mb": peak_rss_mb()}
+    m.update(ssim=ssim_sum[0] / h, bands=m.pop("groups"), image_shape=[h, w, c])
+    return m
 
 
-__all__ = ["open_lazy", "to_unit", "from_unit", "band_rows", "plan_bands", "band_problem",
-           "fit_large_image", "peak_rss_mb", "Band"]
+__all__ = ["open_lazy", "to_unit", "from_unit", "plan_bands", "band_problem",
+           "fit_large_image", "peak_rss_mb"]
