@@ -4,7 +4,8 @@ cells, networks, samples and evaluation budget run as one process and as N proce
 each hold a block of the cells; time per evaluation, time to each target, peak memory per
 rank, and the quality reached (which must not depend on the process count).
 
-    python scripts/benchmark_scaling.py --jobs image nerf_distill --out bench/scaling.json
+    python scripts/benchmark_scaling.py --jobs image nerf_distill --equivalence image audio shape \
+        --out bench/scaling.json
     python scripts/benchmark_scaling.py --record docs/results/scaling.json --from bench/scaling.json
 
 Jobs: ``image``, the image compression race's problem (astronaut 512x512, 16x16 cells,
@@ -117,6 +118,46 @@ def run_config(args, job: str, procs: int, threads: int) -> dict:
         return json.loads(Path(out).read_text())
 
 
+# ------------------------------------------------------------------ the scripts, 1 vs 2 processes
+EQUIVALENCE = {"image": ("fit_image.py", "image.txt"), "audio": ("fit_audio.py", "audio.txt"),
+               "shape": ("fit_shape.py", "shape.txt")}
+
+
+def equivalence(args) -> list:
+    """Each script with its config and ``--max_evals``, as one process and under torchrun
+    with 2: PSNR (IoU for shapes) and the largest weight difference."""
+    import torch
+    rows = []
+    for name in args.equivalence:
+        script, config = EQUIVALENCE[name]
+        res = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for procs in (1, 2):
+                out = os.path.join(tmp, f"p{procs}")
+                cmd = [str(ROOT / "scripts" / script), "--config", config, "--max_evals",
+                       str(args.equivalence_evals), "--max_seconds", "1e9", "--out_dir", out,
+                       "--no_progress", "--no_keep_best"]
+                cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]) + cmd
+                env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // procs)))
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if r.returncode != 0:
+                    raise UserError(f"{script} on {procs}: "
+                                    f"{(r.stderr or r.stdout).strip().splitlines()[-1]}")
+                m = json.loads(Path(out, "metrics.json").read_text())
+                w = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+                res[procs] = (m, w)
+        (m1, w1), (m2, w2) = res[1], res[2]
+        q = "iou" if name == "shape" else "psnr"
+        rows.append({"script": f"{script} --config {config}", "evals": m1["function_evals"],
+                     "evals_2": m2["function_evals"], "quality_name": q,
+                     "quality_1": m1[q], "quality_2": m2[q],
+                     "max_abs_weight_diff": max(float((w1[k] - w2[k]).abs().max())
+                                                for k in w1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 COLUMNS = ["job", "processes", "threads_each", "cells", "evals", "s_per_eval", "speedup",
            "s_to_targets", "quality_end", "peak_rss_mb_per_rank"]
 
@@ -153,7 +194,19 @@ def to_record(report, command, date, machine, threads, notes):
         "notes": notes,
         "provenance": "the script's JSON output (bench/, not committed), turned into this "
                       "record by its --record option",
-        "columns": COLUMNS, "rows": rows}
+        "columns": COLUMNS, "rows": rows,
+        "tables": [{"caption": "The scripts as users run them, one process against torchrun "
+                               "--nproc_per_node 2 (same seed, same evaluation budget, "
+                               "--no_keep_best): the quality and the largest difference of "
+                               "any weight",
+                    "columns": ["command", "evals (1 / 2 processes)", "quality, 1 process",
+                                "quality, 2 processes", "difference", "max weight difference"],
+                    "rows": [[r["script"] + f" --max_evals {r['evals']}",
+                              f"{r['evals']} / {r['evals_2']}",
+                              round(r["quality_1"], 4), round(r["quality_2"], 4),
+                              f"{abs(r['quality_1'] - r['quality_2']):.2g} {r['quality_name']}",
+                              f"{r['max_abs_weight_diff']:.2g}"]
+                             for r in report.get("equivalence", [])]}]}
 
 
 def main():
@@ -166,6 +219,9 @@ def main():
     p.add_argument("--datadir", default=str(LEGO), help="nerf_distill: the lego scene")
     p.add_argument("--quick", action="store_true",
                    help="nerf_distill: the quick race's teacher and sample counts")
+    p.add_argument("--equivalence", nargs="*", default=[], choices=tuple(EQUIVALENCE),
+                   help="also run these scripts with their configs as 1 and 2 processes")
+    p.add_argument("--equivalence_evals", type=int, default=40)
     p.add_argument("--out", default=os.path.join("bench", "scaling.json"))
     p.add_argument("--worker", action="store_true", help=configargparse.SUPPRESS)
     p.add_argument("--job", default="image", choices=tuple(JOBS), help=configargparse.SUPPRESS)
@@ -177,7 +233,8 @@ def main():
     if args.record:
         write_record(args, lambda reports: {**reports[0], "jobs": [
             j for rep in reports for j in rep["jobs"]], "rows": [
-            r for rep in reports for r in rep["rows"]]}, to_record,
+            r for rep in reports for r in rep["rows"]], "equivalence": [
+            r for rep in reports for r in rep.get("equivalence", [])]}, to_record,
             "python scripts/benchmark_scaling.py")
         return
     configs = []
@@ -191,14 +248,17 @@ def main():
         if not os.path.isdir(args.datadir):
             raise UserError(f"--datadir {args.datadir}: not a folder (the lego scene)")
         build("nerf_distill", args.datadir, args.quick)   # the teacher, cached, once
-    rows = []
+    rows, same = [], []
+    report = {"threads": "per row", "jobs": args.jobs, "rows": rows, "equivalence": same}
     for job in args.jobs:
         for procs, threads in configs:
             row = run_config(args, job, procs, threads)
             row.pop("history")
             rows.append(row)
             print(json.dumps(row), flush=True)
-            save_json(args.out, {"threads": "per row", "jobs": args.jobs, "rows": rows})
+            save_json(args.out, report)
+    same += equivalence(args)
+    save_json(args.out, report)
     print(f"wrote {args.out}")
 
 
