@@ -50,7 +50,18 @@ def plan_groups(length: int, n_cells: int, cells_per_group: int) -> List[Group]:
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (MB)."""
+    """This process's peak resident memory so far (MB): ``VmHWM`` from
+    ``/proc/self/status`` where there is one (Linux). ``getrusage``'s ``ru_maxrss`` is the
+    fallback; on Linux it also counts the parent's resident set at the moment a subprocess
+    was started (it survives ``exec``), so a small script started by a large one would
+    report the large one's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -121,7 +121,7 @@ def to_record(report, command, date, machine, threads, notes):
                       f"fitted one band of whole cell rows at a time, each band's weights "
                       f"written to disk, the reconstruction written into a TIFF memory map. "
                       f"Budget: a fixed number of evaluations per band. Peak memory: the fit "
-                      f"process's peak resident set (ru_maxrss), memory-mapped pages of the "
+                      f"process's peak resident set (VmHWM), memory-mapped pages of the "
                       f"input and output TIFFs included.",
         "notes": notes,
         "provenance": "the script's JSON output (bench/, not committed), turned into this "

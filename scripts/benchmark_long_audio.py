@@ -110,7 +110,7 @@ def to_record(report, command, date, machine, threads, notes):
                       f"read a stretch at a time, each group's weights written to disk, the "
                       f"reconstruction appended to a WAV. Budget: a fixed number of "
                       f"evaluations per group. Peak memory: the fit process's peak resident "
-                      f"set (ru_maxrss).",
+                      f"set (VmHWM).",
         "notes": notes,
         "provenance": "the script's JSON output (bench/, not committed), turned into this "
                       "record by its --record option",

@@ -59,12 +59,11 @@ def build(job: str, datadir: str, quick: bool):
 
 
 def worker(args) -> None:
-    import resource
-
     import torch
 
     from kilonerf_lbfgs import distributed
     from kilonerf_lbfgs.fitting import FitConfig, fit
+    from kilonerf_lbfgs.streaming import peak_rss_mb
     shards = distributed.init_from_env(torch.device("cpu"))
     job = JOBS[args.job]
     problem, model = build(args.job, args.datadir, args.quick)
@@ -75,7 +74,7 @@ def worker(args) -> None:
         res = fit(model, problem, cfg)
     else:
         res = distributed.fit_sharded(shards, model, problem, cfg)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss = peak_rss_mb()
     per_rank = [rss]
     if shards is not None:
         per_rank = [None] * shards.world
@@ -190,7 +189,7 @@ def to_record(report, command, date, machine, threads, notes):
                       "compression race's problem (astronaut 512x512, 16x16 cells, sine 3x32, "
                       "history 100). nerf_distill: the NeRF distillation race's problem "
                       "(lego 100x100, its cached teacher's samples, history 20). Peak memory: "
-                      "each process's peak resident set.",
+                      "each process's peak resident set (VmHWM).",
         "notes": notes,
         "provenance": "the script's JSON output (bench/, not committed), turned into this "
                       "record by its --record option",
