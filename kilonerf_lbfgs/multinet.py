@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATIONS, PositionalEncoding, init_layer_, make_activation
+from .backends import dense_chunk_bytes
 
 
 class MultiMLP(nn.Module):
@@ -46,6 +47,9 @@ class MultiMLP(nn.Module):
         self.width, self.depth, self.activation = int(width), int(depth), activation
         self.omega_0, self.sigma, self.pe_freqs = float(omega_0), float(sigma), int(pe_freqs)
         self.encoding = PositionalEncoding(pe_freqs) if activation == "relu_pe" else None
+        # bytes of one hidden activation per chunk of cells in forward_dense (None: the
+        # backend's choice, 0: one call over all cells)
+        self.chunk_bytes: Optional[int] = None
         self.act = make_activation(activation, omega_0, sigma)
         first = self.encoding.out_dim(d_in) if self.encoding is not None else d_in
         dims = [first] + [self.width] * self.depth + [self.d_out]
@@ -93,11 +97,43 @@ class MultiMLP(nn.Module):
             cells: optional ``[n]`` long: evaluate only these cells.
         Returns:
             ``[n, P, d_out]``.
+
+        On the CPU the cells are evaluated a chunk at a time, each chunk's hidden
+        activations about :attr:`chunk_bytes` large (default
+        :func:`~kilonerf_lbfgs.backends.dense_chunk_bytes`): a chunk's layers then run on
+        data still in the cache, forward and backward, several times faster than one call
+        over all cells. The result is the same as one call (``chunk_bytes = 0``).
         """
         if x.dim() == 2:
             x = x[None]
-        h = self.encoding(x) if self.encoding is not None else x
+        n = self.n_cells if cells is None else int(cells.numel())
+        if x.shape[0] not in (1, n):
+            raise ValueError(f"MultiMLP.forward_dense: x has {x.shape[0]} groups, "
+                             f"expected {n}")
         layers = self.layer_params(cells)
+        per = self._chunk_cells(x.shape[1], x.device)
+        if per >= n:
+            return self._forward_layers(x, layers)
+        # split (not slice) the parameters: the backward of a split assembles every chunk's
+        # gradient in one pass, where each slice's backward would fill a whole-size tensor
+        parts = [(w.split(per), b.split(per)) for w, b in layers]
+        xs = x.split(per) if x.shape[0] == n else [x] * len(parts[0][0])
+        outs = [self._forward_layers(xk, [(ws[k], bs[k]) for ws, bs in parts])
+                for k, xk in enumerate(xs)]
+        return torch.cat(outs)
+
+    def _chunk_cells(self, points: int, device) -> int:
+        """Cells per chunk for ``points`` points per cell (see :meth:`forward_dense`)."""
+        budget = self.chunk_bytes if self.chunk_bytes is not None \
+            else dense_chunk_bytes(device)
+        if budget <= 0:
+            return 1 << 62
+        row = 4 * max(self.width, self.d_out) * max(points, 1)
+        return max(1, budget // row)
+
+    def _forward_layers(self, x: torch.Tensor, layers) -> torch.Tensor:
+        """``x [n or 1, P, d_in]`` through ``layers`` (``(weight, bias)`` of ``n`` cells)."""
+        h = self.encoding(x) if self.encoding is not None else x
         n = layers[0][0].shape[0]
         if h.shape[0] == 1 and n > 1:
             # shared points: one plain matmul for the first layer, then per-cell bmm
@@ -107,9 +143,6 @@ class MultiMLP(nn.Module):
             rest = layers[1:]
         else:
             rest = layers
-            if h.shape[0] != n:
-                raise ValueError(f"MultiMLP.forward_dense: x has {h.shape[0]} groups, "
-                                 f"expected {n}")
         for i, (w, b) in enumerate(rest):
             h = torch.baddbmm(b[:, None, :], h, w)
             if i < len(rest) - 1:

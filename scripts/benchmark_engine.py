@@ -155,10 +155,10 @@ def lbfgs_overhead(name, model, problem, history, evals, device, sync) -> dict:
         inside[1] += 1
         return losses
     # fill the history first (the overhead grows with the pairs held), then time
-    warm = 0
-    while warm < history + 5 and warm < 4 * history:
+    for _ in range(4 * history):
+        if opt.state[next(model.parameters())].get("slots_used", 0) >= history:
+            break
         opt.step(closure)
-        warm += 1
     inside[:] = [0.0, 0]
     sync()
     t0 = time.perf_counter()

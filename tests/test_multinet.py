@@ -333,3 +333,49 @@ def test_params_per_cell():
     assert model.params_per_cell == (2 * 5 + 5) + (5 * 5 + 5) + (5 * 4 + 4)
     pe = MultiMLP(3, 2, 4, width=5, depth=1, activation="relu_pe", pe_freqs=3)
     assert pe.params_per_cell == (2 * 7 * 5 + 5) + (5 * 4 + 4)
+
+
+@pytest.mark.parametrize("activation", ["sine", "gaussian", "relu_pe"])
+@pytest.mark.parametrize("layout", ["own", "shared", "subset", "ragged"])
+def test_chunked_forward_equals_one_call_forward_and_backward(activation, layout):
+    """Cache-sized chunks of cells (the CPU default) against one batched call
+    (``chunk_bytes = 0``): the same outputs and the same gradients of every parameter."""
+    torch.manual_seed(0)
+    n, p = 23, 37
+    nets = {}
+    for name, chunk_bytes in (("one", 0), ("chunked", 4 * 16 * p * 3)):     # 3 cells a chunk
+        net = MultiMLP(n, 3, 2, 16, 2, activation, omega_0=20.0,
+                       generator=torch.Generator().manual_seed(1))
+        net.chunk_bytes = chunk_bytes
+        nets[name] = net
+    assert nets["chunked"]._chunk_cells(p, "cpu") == 3
+    g = torch.Generator().manual_seed(2)
+    x_own = torch.rand(n, p, 3, generator=g) * 2 - 1
+    cells = torch.tensor([4, 0, 22, 7, 7, 3, 15, 9, 1, 11])
+    x_sub = torch.rand(len(cells), p, 3, generator=g) * 2 - 1
+    pts = torch.rand(400, 3, generator=g) * 2 - 1
+    cell_of = torch.randint(0, n, (400,), generator=g)
+    outs = {}
+    for name, net in nets.items():
+        if layout == "own":
+            y = net.forward_dense(x_own)
+        elif layout == "shared":
+            y = net.forward_dense(x_own[:1])
+        elif layout == "subset":
+            y = net.forward_dense(x_sub, cells)
+        else:
+            y = net(pts, cell_of, max_group=20)
+        (y.sin() * torch.linspace(0.5, 1.5, y.numel()).view_as(y)).sum().backward()
+        outs[name] = (y.detach(), [q.grad.clone() for q in net.parameters()])
+    torch.testing.assert_close(outs["chunked"][0], outs["one"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs["chunked"][1], outs["one"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_chunks_are_cache_sized_and_cuda_takes_one_call():
+    from kilonerf_lbfgs.backends import CPU_CHUNK_BYTES, dense_chunk_bytes
+    net = MultiMLP(256, 2, 3, 32, 3)
+    assert net._chunk_cells(1024, "cpu") == CPU_CHUNK_BYTES // (4 * 32 * 1024)
+    assert dense_chunk_bytes("cuda") == 0 and dense_chunk_bytes("cpu") == CPU_CHUNK_BYTES
+    net.chunk_bytes = 0
+    assert net._chunk_cells(1024, "cpu") >= 256
