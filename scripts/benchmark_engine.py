@@ -3,6 +3,7 @@
 
     python scripts/benchmark_engine.py --threads 2 --out bench/engine.json
     python scripts/benchmark_engine.py --record docs/results/engine.json --from bench/engine.json
+    (``--from BEFORE AFTER``: two runs side by side, e.g. before and after an engine change)
 
 Measures, each as the median of ``--repeats`` timed runs after a warm-up:
 - the machine's dense fp32 GEMM rate (2048^3 matmul), the reference;
@@ -246,31 +247,58 @@ def run_all(args) -> dict:
 
 
 def to_record(report, command, date, machine, threads, notes):
-    rows = [[r["what"], r["shape"], round(r["mpoints_per_s"], 3) if r["mpoints_per_s"]
-             else None, round(r["gflop_per_s"], 1),
-             round(r.get("fraction_of_gemm", 1.0), 3)] for r in report["throughput"]]
-    lb = [[r["what"], r["history"], round(r["seconds_per_eval"], 4), round(r["closure_s"], 4),
-           round(r["overhead_s"], 4), round(r["overhead_vs_closure"], 2)]
-          for r in report["lbfgs"]]
+    """One run, or two (``--from BEFORE AFTER``): then each row shows both and the speed-up."""
+    runs = report["runs"]
+    before, after = runs[0], runs[-1]
+    pair = len(runs) > 1
+    rows = []
+    for i, r in enumerate(after["throughput"]):
+        b = before["throughput"][i]
+        rate = (lambda row: round(row["mpoints_per_s"], 3) if row["mpoints_per_s"] else None)
+        row = [r["what"], r["shape"]]
+        if pair:
+            row += [rate(b), rate(r), round(r["gflop_per_s"], 1),
+                    round(r.get("fraction_of_gemm", 1.0), 3),
+                    round(r["gflop_per_s"] / b["gflop_per_s"], 2)]
+        else:
+            row += [rate(r), round(r["gflop_per_s"], 1), round(r.get("fraction_of_gemm", 1.0), 3)]
+        rows.append(row)
+    lb = []
+    for i, r in enumerate(after["lbfgs"]):
+        row = [r["what"], r["history"]]
+        if pair:
+            b = next((x for x in before["lbfgs"] if x["what"] == r["what"]
+                      and x["history"] == r["history"]), None)
+            row += [None if b is None else round(b["seconds_per_eval"], 4),
+                    None if b is None else round(b["overhead_vs_closure"], 2)]
+        row += [round(r["seconds_per_eval"], 4), round(r["closure_s"], 4),
+                round(r["overhead_s"], 4), round(r["overhead_vs_closure"], 2)]
+        lb.append(row)
+    columns = ["what", "shape"] + (["M points/s before", "M points/s after", "GFLOP/s after",
+                                    "fraction of GEMM after", "speed-up"] if pair else
+                                   ["M points/s", "GFLOP/s", "fraction of GEMM"])
+    lb_columns = ["problem", "history"] + (["s/eval before", "overhead/closure before"]
+                                           if pair else []) + \
+        ["s/eval", "closure s", "overhead s", "overhead / closure"]
     return {
         "title": "Engine throughput: the tiny networks' forward+backward and BatchedLBFGS's "
                  "cost per evaluation",
         "command": command, "date": date, "machine": machine, "threads": threads,
-        "conditions": f"device {report['device']}, torch {report['torch']}, eager PyTorch. "
-                      "Each timing is the median of repeated runs after a warm-up. GFLOP/s "
-                      "counts the linear layers (6 x fan_in x fan_out per point and layer for "
-                      "forward+backward), not the sines. BatchedLBFGS: strong Wolfe line "
-                      "search, 5 evaluations per step, timed after the history is full; "
-                      "overhead = seconds per evaluation minus the closure's.",
+        "conditions": f"device {after['device']}, torch {after['torch']}, eager PyTorch, "
+                      f"{after['threads']} threads. Each timing is the median of repeated "
+                      "runs after a warm-up. GFLOP/s counts the linear layers (6 x fan_in x "
+                      "fan_out per point and layer for forward+backward), not the sines. "
+                      "BatchedLBFGS: strong Wolfe line search, 5 evaluations per step, timed "
+                      "after the history is full; overhead = seconds per evaluation minus the "
+                      "closure's." + (" before: the engine evaluating all cells in one batched "
+                                      "call; after: in cache-sized chunks of cells."
+                                      if pair else ""),
         "notes": notes,
         "provenance": "the script's JSON output (bench/, not committed), turned into this "
                       "record by its --record option",
-        "columns": ["what", "shape", "M points/s", "GFLOP/s", "fraction of GEMM"],
-        "rows": rows,
+        "columns": columns, "rows": rows,
         "tables": [{"caption": "BatchedLBFGS: seconds per evaluation, closure against the "
-                               "optimiser's own work",
-                    "columns": ["problem", "history", "s/eval", "closure s", "overhead s",
-                                "overhead / closure"], "rows": lb}]}
+                               "optimiser's own work", "columns": lb_columns, "rows": lb}]}
 
 
 def main():
@@ -288,7 +316,7 @@ def main():
     add_record_args(p)
     args = parse_args(p)
     if args.record:
-        write_record(args, lambda reports: reports[0], to_record,
+        write_record(args, lambda reports: {"runs": list(reports)}, to_record,
                      "python scripts/benchmark_engine.py")
         return
     report = run_all(args)
