@@ -34,7 +34,7 @@ ORDER = (
     "image_fidelity", "image_fidelity_quick", "image_compression", "image_compression_quick",
     "image_compression_kodak", "image_activations", "image_width",
     "audio_race", "video_race", "shape_race", "shape_generalisation", "quick_races",
-    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine",
+    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "engine_demo",
     "scaling", "large_image", "long_audio",
 )
 
