@@ -64,3 +64,30 @@ def write_record(args, merge: Callable[[Sequence[Dict]], Dict],
                     **kw)
     save_json(args.record, rec)
     print(f"wrote {args.record}")
+
+
+def concat_rows(reports: Sequence[Dict]) -> Dict:
+    """Reports of one benchmark run in parts: the first report with every part's rows."""
+    return {**reports[0], "rows": [r for rep in reports for r in rep["rows"]]}
+
+
+def add_run_args(parser, name: str) -> None:
+    """``--threads``, ``--out bench/NAME.json`` and ``--runs_dir bench/NAME``."""
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads per process (OMP_NUM_THREADS of the runs)")
+    parser.add_argument("--out", default=os.path.join("bench", f"{name}.json"))
+    parser.add_argument("--runs_dir", default=os.path.join("bench", name))
+
+
+def run_script(cmd: Sequence[str], threads: int, what: str) -> float:
+    """Run a command (a script as a user runs it) with ``threads`` threads; its wall seconds.
+    A failure becomes a :class:`UserError` with the command's last line of output."""
+    import subprocess
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t0 = time.time()
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout or "no output").strip().splitlines()
+        raise UserError(f"{what} failed: {lines[-1] if lines else 'no output'}")
+    return time.time() - t0

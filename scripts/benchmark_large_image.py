@@ -17,9 +17,7 @@ memory map, so building it is bounded too. The fit uses cells of ``--cell_px`` p
 """
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import configargparse
@@ -28,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import add_record_args, write_record  # noqa: E402
+from benchmarks.records import (add_record_args, add_run_args, concat_rows,  # noqa: E402
+                                run_script, write_record)
 from kilonerf_lbfgs.config import UserError, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
@@ -72,12 +71,7 @@ def run_fit(args, image: str) -> dict:
            "--cells_in_memory", str(args.cells_in_memory), "--max_evals", str(args.max_evals),
            "--max_seconds", "1e9", "--history_size", str(args.history_size),
            "--target_psnr", "1000", "--out_dir", out, "--no_progress"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.time() - t0
-    if r.returncode != 0:
-        raise UserError(f"fit_image.py failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
+    wall = run_script(cmd, args.threads, "fit_image.py")
     m = json.loads(Path(out, "metrics.json").read_text())
     import tifffile
     with tifffile.TiffFile(os.path.join(out, "reconstruction.tif")) as t:
@@ -141,15 +135,11 @@ def main():
     p.add_argument("--cells_in_memory", type=int, default=256)
     p.add_argument("--max_evals", type=int, default=10, help="evaluations per band")
     p.add_argument("--history_size", type=int, default=100)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", default=os.path.join("bench", "large_image.json"))
-    p.add_argument("--runs_dir", default=os.path.join("bench", "large"))
+    add_run_args(p, "large_image")
     add_record_args(p)
     args = parse_args(p)
     if args.record:
-        write_record(args, lambda reports: {**reports[0], "rows": [
-            r for rep in reports for r in rep["rows"]]}, to_record,
-            "python scripts/benchmark_large_image.py")
+        write_record(args, concat_rows, to_record, "python scripts/benchmark_large_image.py")
         return
     if args.size % args.cell_px:
         raise UserError(f"--size {args.size} is not a multiple of --cell_px {args.cell_px}")

@@ -13,9 +13,7 @@ block, so building the file is bounded too.
 """
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import configargparse
@@ -24,7 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import add_record_args, write_record  # noqa: E402
+from benchmarks.records import (add_record_args, add_run_args, concat_rows,  # noqa: E402
+                                run_script, write_record)
 from kilonerf_lbfgs.config import UserError, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
@@ -66,12 +65,7 @@ def run_fit(args, audio: str) -> dict:
            "--cells_in_memory", str(args.cells_in_memory), "--max_evals", str(args.max_evals),
            "--max_seconds", "1e9", "--history_size", str(args.history_size),
            "--target_psnr", "1000", "--out_dir", out, "--no_progress"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.time() - t0
-    if r.returncode != 0:
-        raise UserError(f"fit_audio.py failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
+    wall = run_script(cmd, args.threads, "fit_audio.py")
     m = json.loads(Path(out, "metrics.json").read_text())
     import soundfile as sf
     info = sf.info(os.path.join(out, "reconstruction.wav"))
@@ -129,15 +123,11 @@ def main():
     p.add_argument("--cells_in_memory", type=int, default=256)
     p.add_argument("--max_evals", type=int, default=10, help="evaluations per group")
     p.add_argument("--history_size", type=int, default=100)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", default=os.path.join("bench", "long_audio.json"))
-    p.add_argument("--runs_dir", default=os.path.join("bench", "long_audio"))
+    add_run_args(p, "long_audio")
     add_record_args(p)
     args = parse_args(p)
     if args.record:
-        write_record(args, lambda reports: {**reports[0], "rows": [
-            r for rep in reports for r in rep["rows"]]}, to_record,
-            "python scripts/benchmark_long_audio.py")
+        write_record(args, concat_rows, to_record, "python scripts/benchmark_long_audio.py")
         return
     audio = args.audio or os.path.join(args.runs_dir, f"long_{args.minutes:g}min.wav")
     os.makedirs(os.path.dirname(os.path.abspath(audio)), exist_ok=True)

@@ -13,7 +13,6 @@ user runs), ``--resample_every 0`` for the fixed draw; the rows come from its me
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import configargparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import add_record_args, write_record  # noqa: E402
+from benchmarks.records import (add_record_args, add_run_args, concat_rows,  # noqa: E402
+                                run_script, write_record)
 from kilonerf_lbfgs.config import UserError, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
@@ -41,10 +41,7 @@ def run_one(mesh: str, target: str, sampling: str, seconds: float, out_root: str
            str(seconds), "--out_dir", out, "--no_progress"] + SAMPLING[sampling]
     if mesh != "knot":
         cmd += ["--mesh", mesh]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise UserError(f"{name}: fit_shape.py failed: {r.stderr.strip().splitlines()[-1]}")
+    run_script(cmd, threads, f"{name}: fit_shape.py")
     return row_from_metrics(mesh, target, sampling,
                             json.loads(Path(out, "metrics.json").read_text()))
 
@@ -93,15 +90,12 @@ def main():
     p.add_argument("--targets", nargs="+", default=["occupancy"], choices=("occupancy", "sdf"))
     p.add_argument("--sampling", nargs="+", default=["fresh", "fixed"], choices=tuple(SAMPLING))
     p.add_argument("--max_seconds", type=float, default=90.0)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", default=os.path.join("bench", "shape_gen.json"))
-    p.add_argument("--runs_dir", default=os.path.join("bench", "shape_gen"))
+    add_run_args(p, "shape_gen")
     add_record_args(p)
     args = parse_args(p)
     if args.record:
-        write_record(args, lambda reports: {**reports[0], "rows": [
-            r for rep in reports for r in rep["rows"]]}, to_record,
-            "python scripts/benchmark_shape_generalisation.py")
+        write_record(args, concat_rows, to_record,
+                     "python scripts/benchmark_shape_generalisation.py")
         return
     for m in args.meshes:
         if m != "knot" and not os.path.isfile(m):
