@@ -26,7 +26,8 @@ def main():
                    help="cells per axis: ROWS [COLS]")
     p.add_argument("--cells_in_memory", type=int, default=0,
                    help="fit the cells in bands of at most this many, reading the image "
-                        "lazily (an uncompressed TIFF or .npy) and writing reconstruction.tif "
+                        "lazily (a TIFF, plain, tiled or compressed, or .npy) and writing "
+                        "reconstruction.tif "
                         "band by band: memory set by the band, not the image (0: all at once)")
     args = parse_args(p)
     require_positive(args, "grid")
@@ -68,7 +69,7 @@ def fit_banded(args, device):
     from kilonerf_lbfgs.runner import fit_config_from_args
     from kilonerf_lbfgs.signals.large_image import fit_large_image, open_lazy
     if args.image is None or args.image in ("astronaut", "camera", "coffee"):
-        raise UserError("--cells_in_memory needs --image FILE (an uncompressed TIFF or .npy)")
+        raise UserError("--cells_in_memory needs --image FILE (a TIFF or .npy)")
     with for_option("--image", args.image):
         image = open_lazy(args.image)
     rows, cols = args.grid[0], args.grid[-1]

@@ -1,9 +1,10 @@
 """Images larger than memory: read lazily, fit band by band, write the reconstruction as it
 goes.
 
-The image is opened as a memory map (an uncompressed TIFF through ``tifffile``, which
-microscopy and remote-sensing users already use, or a ``.npy`` file), so only the pixels of
-the band being fitted are read. The grid's cells are fitted in bands of whole cell rows, at
+The image is opened lazily through ``tifffile`` (which microscopy and remote-sensing users
+already use): an uncompressed TIFF or a ``.npy`` file as a memory map, a tiled or compressed
+TIFF by decoding only the tiles or strips a band crosses, so only the pixels of the band
+being fitted are read. The grid's cells are fitted in bands of whole cell rows, at
 most ``cells_in_memory`` cells at a time: load the band's pixels, build its cells' networks,
 fit them, write their weights and the band's reconstruction (into a TIFF memory map of the
 image's size), move on. Cells are independent, so a band's cells are exactly the whole
@@ -28,12 +29,13 @@ LAZY_EXTS = (".tif", ".tiff", ".npy")
 
 
 def open_lazy(path: str) -> np.ndarray:
-    """A read-only memory map ``[H, W]`` or ``[H, W, C]`` of an uncompressed TIFF or a
-    ``.npy`` file. ``ValueError`` names the file for a layout that cannot be mapped
-    (compressed or tiled TIFF, more than one image plane, not an image)."""
+    """A lazy ``[H, W]`` or ``[H, W, C]`` image: a read-only memory map of an uncompressed
+    TIFF or a ``.npy`` file, or a :class:`SegmentedTiff` for a tiled or compressed TIFF.
+    ``ValueError`` names the file for a layout that cannot be read lazily (more than one
+    image or plane, channels first, not an image)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in LAZY_EXTS:
-        raise ValueError(f"{path}: a large image must be an uncompressed TIFF or a .npy file")
+        raise ValueError(f"{path}: a large image must be a TIFF or a .npy file")
     if ext == ".npy":
         try:
             arr = np.load(path, mmap_mode="r")
@@ -45,9 +47,11 @@ def open_lazy(path: str) -> np.ndarray:
         try:
             arr = tifffile.memmap(path, mode="r")
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{path} cannot be memory-mapped ({type(e).__name__}: {e}); "
-                             f"save it as an uncompressed, untiled TIFF (e.g. tifffile."
-                             f"imwrite(path, data)) or as .npy") from None
+            arr = SegmentedTiff.open(path)      # tiled or compressed: decoded band by band
+            if arr is None:
+                raise ValueError(f"{path} cannot be read lazily ({type(e).__name__}: {e}); "
+                                 f"save it as a TIFF of one image (uncompressed, tiled or "
+                                 f"compressed, channels last) or as .npy") from None
     if arr.ndim == 3 and arr.shape[2] > 4 and arr.shape[0] <= 4:
         raise ValueError(f"{path}: planar layout {arr.shape} (channels first) is not supported;"
                          f" store the image as [H, W, C]")
@@ -58,6 +62,60 @@ def open_lazy(path: str) -> np.ndarray:
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"{path}: pixel type {arr.dtype} is not an image type")
     return arr
+
+
+class SegmentedTiff:
+    """Rows of a tiled or compressed TIFF (one image, channels last), read and decoded one
+    segment (tile or strip) at a time: ``image[r0:r1]`` decodes only the segments those rows
+    cross, so memory follows the rows asked for, not the image. ``shape``, ``dtype`` and
+    ``ndim`` as for an array."""
+
+    def __init__(self, tif, page):
+        self._tif, self._page = tif, page
+        self.shape, self.dtype = tuple(page.shape), page.dtype
+        self.ndim = len(self.shape)
+        self._seg_h, self._seg_w = page.chunks[:2]
+        self._seg_rows, self._seg_cols = page.chunked[:2]
+
+    @classmethod
+    def open(cls, path: str):
+        """The reader, or ``None`` when the file is not one contiguous image (several
+        pages or planes, planar layout, unreadable)."""
+        import tifffile
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception:  # noqa: BLE001 - not a TIFF at all
+            return None
+        page = tif.pages[0]
+        ok = len(tif.pages) == 1 and len(page.shape) in (2, 3) and \
+            getattr(page, "planarconfig", 1) == 1 and len(page.chunked) >= 2 and \
+            (len(page.shape) == 2 or page.chunked[2:3] in ((), (1,)))
+        if not ok:
+            tif.close()
+            return None
+        return cls(tif, page)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("SegmentedTiff: index with a row slice, image[r0:r1]")
+        r0, r1, _ = rows.indices(self.shape[0])
+        w = self.shape[1]
+        out = np.empty((max(r1 - r0, 0),) + self.shape[1:], self.dtype)
+        fh, page = self._tif.filehandle, self._page
+        sh, sw = self._seg_h, self._seg_w
+        for sr in range(r0 // sh, (r1 - 1) // sh + 1 if r1 > r0 else 0):
+            y0 = sr * sh
+            a, b = max(r0, y0), min(r1, y0 + sh)
+            for sc in range(self._seg_cols):
+                k = sr * self._seg_cols + sc
+                x0 = sc * sw
+                fh.seek(page.dataoffsets[k])
+                seg = page.decode(fh.read(page.databytecounts[k]), k)[0]
+                seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
+                block = seg[a - y0:b - y0, :min(w, x0 + sw) - x0]
+                out[a - r0:b - r0, x0:x0 + block.shape[1]] = \
+                    block if self.ndim == 3 else block[..., 0]
+        return out
 
 
 def to_unit(block: np.ndarray) -> np.ndarray:
@@ -142,5 +200,5 @@ def fit_large_image(image: np.ndarray, grid: Sequence[int], cells_in_memory: int
     return m
 
 
-__all__ = ["open_lazy", "to_unit", "from_unit", "plan_bands", "band_problem",
+__all__ = ["open_lazy", "SegmentedTiff", "to_unit", "from_unit", "plan_bands", "band_problem",
            "fit_large_image", "peak_rss_mb"]
