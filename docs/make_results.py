@@ -31,7 +31,7 @@ ORDER = (
     "nerf_own_scene_routes",
     "nerf_distill_calibration", "nerf_distill_race", "nerf_distill_calibration_quick",
     "nerf_distill_race_quick", "nerf_distill_sampling", "hash_teacher",
-    "image_fidelity", "image_fidelity_quick", "image_compression", "image_compression_quick",
+    "image_fidelity", "image_fidelity_quick", "image_fidelity_quick_chunked", "image_compression", "image_compression_quick",
     "image_compression_kodak", "image_activations", "image_width",
     "audio_race", "video_race", "shape_race", "shape_generalisation", "quick_races",
     "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "engine_demo",
