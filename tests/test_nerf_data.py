@@ -428,3 +428,62 @@ def test_lego_downsampled():
     centre = 50 * 100 + 50
     closest = o[:, centre] - (o[:, centre] * d[:, centre]).sum(-1, keepdim=True) * d[:, centre]
     assert closest.norm(dim=-1).max() < 0.5
+
+
+FOX_DIST = (0.0578421, -0.0805099, -0.000980296, 0.00015575)   # the fox capture's lens
+
+
+@pytest.mark.parametrize("dist", [FOX_DIST, (-0.2, 0.05, 0.002, -0.001)])
+def test_undistort_matches_opencv_and_inverts_distort(dist):
+    from kilonerf_lbfgs.nerf.data.rays import distort, undistort
+    K = np.array([[300.0, 0, 160.0], [0, 310.0, 120.0], [0, 0, 1]])
+    px = np.stack(np.meshgrid(np.linspace(0, 320, 9), np.linspace(0, 240, 7)), -1).reshape(-1, 2)
+    ref = cv2.undistortPoints(px[:, None, :].astype(np.float64), K, np.array(dist),
+                              criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100,
+                                        1e-12))[:, 0]
+    xd = torch.tensor((px[:, 0] - 160.0) / 300.0)
+    yd = torch.tensor((px[:, 1] - 120.0) / 310.0)
+    d = torch.tensor(dist, dtype=torch.float64)
+    x, y = undistort(xd, yd, d, iters=100)
+    np.testing.assert_allclose(np.stack([x, y], -1), ref, atol=1e-9)
+    xr, yr = distort(x, y, d)
+    np.testing.assert_allclose(xr, xd, atol=1e-9)
+    np.testing.assert_allclose(yr, yd, atol=1e-9)
+
+
+def test_distorted_camera_rays_project_back_onto_their_pixels():
+    """A ray of a camera with lens distortion, projected by OpenCV's model (pinhole, then the
+    distortion), lands on the centre of the pixel it was made for."""
+    H, W = 12, 16
+    K = (20.0, 21.0, 8.3, 5.9)
+    pose = torch.eye(4, dtype=torch.float64)
+    o, d = camera_rays(pose, torch.tensor(K, dtype=torch.float64), H, W,
+                       torch.tensor(FOX_DIST, dtype=torch.float64) * 4)
+    cam = d.numpy() * np.array([1.0, -1.0, -1.0])          # OpenGL -> OpenCV camera axes
+    A = np.array([[K[0], 0, K[2]], [0, K[1], K[3]], [0, 0, 1]])
+    px, _ = cv2.projectPoints(cam, np.zeros(3), np.zeros(3), A, np.array(FOX_DIST) * 4)
+    yy, xx = np.mgrid[0:H, 0:W] + 0.5
+    np.testing.assert_allclose(px[:, 0], np.stack([xx.ravel(), yy.ravel()], -1), atol=1e-5)
+    plain = camera_rays(pose, torch.tensor(K, dtype=torch.float64), H, W)[1]
+    assert (plain - d).abs().max() > 1e-3                  # the lens does move the rays
+
+
+def test_instant_ngp_lens_distortion_reaches_the_split_and_its_rays(tmp_path):
+    _ngp_scene(str(tmp_path), missing=())
+    plain = load_split(str(tmp_path), "train")
+    assert plain.distortion is None                        # no k1..p2: a pinhole camera
+    path = tmp_path / "transforms.json"
+    meta = json.loads(path.read_text())
+    meta.update(k1=FOX_DIST[0], k2=FOX_DIST[1], p1=FOX_DIST[2], p2=FOX_DIST[3])
+    meta["frames"][1]["k1"] = 0.2                          # a frame's own key wins
+    path.write_text(json.dumps(meta))
+    s = load_split(str(tmp_path), "train", downsample=2)
+    assert s.distortion.shape == (len(s), 4)
+    kept = [k for k in range(10) if k % 8]                 # frames 1..7, 9
+    assert kept[0] == 1 and float(s.distortion[0, 0]) == pytest.approx(0.2)
+    torch.testing.assert_close(s.distortion[1], torch.tensor(FOX_DIST))
+    from kilonerf_lbfgs.nerf.data.rays import RayBank
+    _, d = camera_rays(s.poses, s.intrinsics, s.H, s.W, s.distortion)
+    torch.testing.assert_close(RayBank(s).dirs, d.reshape(-1, 3))     # training rays bend
+    _, d0 = camera_rays(s.poses, s.intrinsics, s.H, s.W)
+    assert (d - d0).abs().max() > 1e-4

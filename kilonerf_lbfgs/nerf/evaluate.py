@@ -19,10 +19,13 @@ from .data.rays import camera_rays
 
 @torch.no_grad()
 def render_view(model: nn.Module, marcher, pose: torch.Tensor, intrinsics: torch.Tensor,
-                H: int, W: int, rs: RenderSettings, chunk: int = 8192) -> torch.Tensor:
-    """One camera ``pose [4, 4]``, ``intrinsics [4]`` -> image ``[H, W, 3]`` (rays in chunks)."""
+                H: int, W: int, rs: RenderSettings, chunk: int = 8192,
+                distortion: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One camera ``pose [4, 4]``, ``intrinsics [4]`` (and lens ``distortion [4]``) ->
+    image ``[H, W, 3]`` (rays in chunks)."""
     device = rs.background.device
-    o, d = camera_rays(pose.to(device), intrinsics.to(device), H, W)
+    o, d = camera_rays(pose.to(device), intrinsics.to(device), H, W,
+                       None if distortion is None else distortion.to(device))
     out = torch.empty(H * W, 3, device=device)
     for s in range(0, H * W, chunk):
         out[s:s + chunk] = render_rays(model, marcher, o[s:s + chunk], d[s:s + chunk], rs,
@@ -50,8 +53,9 @@ def evaluate(model: nn.Module, marcher, split: NerfSplit, rs: RenderSettings,
     for i in views:
         synchronize(device)
         t0 = time.perf_counter()
+        dist = getattr(split, "distortion", None)
         img = render_view(model, marcher, split.poses[i], split.intrinsics[i], split.H,
-                          split.W, rs, chunk)
+                          split.W, rs, chunk, None if dist is None else dist[i])
         synchronize(device)
         seconds += time.perf_counter() - t0
         pred = img.cpu().numpy()

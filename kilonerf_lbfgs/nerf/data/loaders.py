@@ -11,7 +11,8 @@ instant-ngp format (used when ``transforms_{split}.json`` is absent and ``transf
 exists): intrinsics ``fl_x, fl_y, cx, cy, w, h`` per frame or global (a frame's own keys win;
 ``camera_angle_x`` / ``camera_angle_y`` stand in for a missing focal; ``cx, cy`` default to the
 centre; ``w, h`` to the image's size, and the intrinsics are rescaled when the image is of a
-different size than ``w, h``). Frames whose image file is missing are skipped with one warning
+different size than ``w, h``); OpenCV lens distortion ``k1, k2, p1, p2`` (per frame or
+global) goes to :attr:`NerfSplit.distortion`, and the rays undistort. Frames whose image file is missing are skipped with one warning
 that counts them. The file has no splits: ``test`` and ``val`` are every 8th frame (frames 0,
 8, 16, ...) and ``train`` is every other frame, so the test views are held out (the LLFF and
 nerfstudio protocol).
@@ -60,6 +61,9 @@ class NerfSplit:
         near, far: ray interval.
         file_paths: ``N`` image paths as found on disk.
         scene_box: ``((x0, y0, z0), (x1, y1, z1))`` box holding the scene.
+        distortion: ``[N, 4]`` float32 OpenCV lens distortion ``(k1, k2, p1, p2)``, or
+            ``None`` for pinhole cameras (the rays undistort, see
+            :func:`~kilonerf_lbfgs.nerf.data.rays.camera_rays`).
     """
     images: torch.Tensor
     poses: torch.Tensor
@@ -70,6 +74,7 @@ class NerfSplit:
     far: float
     file_paths: List[str]
     scene_box: Box
+    distortion: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -251,7 +256,12 @@ def _ngp_frames(datadir: str, path: str, meta: dict, split: str):
             sx, sy = W0 / w, H0 / h                  # intrinsics given for another image size
             return fx * sx, fy * sy, cx * sx, cy * sy
 
-        out.append((img, _pose(fr, path, i), intr))
+        dist = []                                   # OpenCV k1 k2 p1 p2 (0: none)
+        for key in ("k1", "k2", "p1", "p2"):
+            v = _number(fr, key, path, f"frame {i} ")
+            v = _number(meta, key, path) if v is None else v
+            dist.append(0.0 if v is None else v)
+        out.append((img, _pose(fr, path, i), intr, dist))
     return out, missing
 
 
@@ -306,10 +316,11 @@ def load_split(datadir: str, split: str, downsample: int = 1,
         raise ValueError(f"{path} has no usable frames for split {split!r}; it needs frames "
                         f"whose image files exist")
 
-    images, poses, intrinsics, paths = [], [], [], []
+    images, poses, intrinsics, paths, dists = [], [], [], [], []
     first: Optional[Tuple[str, int, int]] = None
     W = H = 0
-    for img_path, pose, intr in frames:
+    for img_path, pose, intr, *dist in frames:
+        dists.append(tuple(dist[0]) if dist and dist[0] is not None else (0.0,) * 4)
         img = read_image(img_path, background, rgb=True)
         H0, W0 = img.shape[:2]
         if first is None:
@@ -329,7 +340,9 @@ def load_split(datadir: str, split: str, downsample: int = 1,
                      poses=torch.from_numpy(np.stack(poses)).float(),
                      intrinsics=torch.tensor(intrinsics, dtype=torch.float32),
                      H=int(H), W=int(W), near=near, far=far, file_paths=paths,
-                     scene_box=_scene_box(meta, path))
+                     scene_box=_scene_box(meta, path),
+                     distortion=torch.tensor(dists, dtype=torch.float32)
+                     if any(any(d) for d in dists) else None)
 
 
 def load_dataset(datadir: str, downsample: int = 1, img_wh: Optional[Tuple[int, int]] = None,

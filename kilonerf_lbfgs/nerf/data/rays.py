@@ -11,7 +11,7 @@ downwards (hence the minus on y). Rays are ordered row-major (row, then column),
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,20 +19,52 @@ if TYPE_CHECKING:
     from .loaders import NerfSplit
 
 
+def distort(x: torch.Tensor, y: torch.Tensor, dist: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV lens distortion of normalised image points ``x, y [...]`` (y down) with
+    ``dist [..., 4] = (k1, k2, p1, p2)``: the points where the lens images them."""
+    k1, k2, p1, p2 = dist.unbind(-1)
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2
+    return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
+            y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y)
+
+
+def undistort(xd: torch.Tensor, yd: torch.Tensor, dist: torch.Tensor, iters: int = 20
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`distort` by fixed-point iteration (as OpenCV's
+    ``undistortPoints``): the ideal pinhole points whose distorted images are ``xd, yd``."""
+    k1, k2, p1, p2 = dist.unbind(-1)
+    x, y = xd, yd
+    for _ in range(iters):
+        r2 = x * x + y * y
+        radial = 1 + k1 * r2 + k2 * r2 * r2
+        dx = 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+        dy = p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+        x, y = (xd - dx) / radial, (yd - dy) / radial
+    return x, y
+
+
 def _directions(poses: torch.Tensor, intrinsics: torch.Tensor,
-                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                x: torch.Tensor, y: torch.Tensor,
+                distortion: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Unit world directions ``[..., 3]`` through image points ``x, y [...]``.
 
-    ``poses [..., 4, 4]`` and ``intrinsics [..., 4]`` broadcast against ``x`` and ``y``.
+    ``poses [..., 4, 4]``, ``intrinsics [..., 4]`` and ``distortion [..., 4]`` (OpenCV
+    ``k1 k2 p1 p2``, optional) broadcast against ``x`` and ``y``.
     """
     fx, fy, cx, cy = intrinsics.unbind(-1)
-    u, v = torch.broadcast_tensors((x - cx) / fx, -(y - cy) / fy)
+    xn, yn = (x - cx) / fx, (y - cy) / fy
+    if distortion is not None:
+        xn, yn = undistort(xn, yn, distortion)
+    u, v = torch.broadcast_tensors(xn, -yn)
     d_cam = torch.stack([u, v, -torch.ones_like(u)], -1)
     d = (poses[..., :3, :3] @ d_cam.unsqueeze(-1)).squeeze(-1)
     return d / d.norm(dim=-1, keepdim=True)
 
 
-def camera_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int
+def camera_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int,
+                distortion: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rays through every pixel centre of ``N`` cameras.
 
@@ -41,6 +73,8 @@ def camera_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int
         intrinsics: ``[N, 4]`` (or ``[4]``, shared by all cameras) ``(fx, fy, cx, cy)`` in
             pixels at resolution ``H x W``.
         H, W: image height and width in pixels.
+        distortion: optional ``[N, 4]`` (or ``[4]``) OpenCV ``(k1, k2, p1, p2)``: each pixel's
+            ray is the undistorted one (the ray the lens bent onto that pixel).
 
     Returns:
         ``(origins, directions)``, each ``[N, H * W, 3]`` (``[H * W, 3]`` for a single pose),
@@ -57,7 +91,11 @@ def camera_rays(poses: torch.Tensor, intrinsics: torch.Tensor, H: int, W: int
     cols = torch.arange(W, dtype=P.dtype, device=P.device) + 0.5
     yy, xx = torch.meshgrid(rows, cols, indexing="ij")
     x, y = xx.reshape(1, -1), yy.reshape(1, -1)                      # [1, H*W]
-    dirs = _directions(P[:, None], K[:, None], x, y)                 # [N, H*W, 3]
+    D = None
+    if distortion is not None:
+        D = torch.as_tensor(distortion, dtype=P.dtype, device=P.device)
+        D = (D.expand(P.shape[0], 4) if D.dim() == 1 else D)[:, None]
+    dirs = _directions(P[:, None], K[:, None], x, y, D)              # [N, H*W, 3]
     origins = P[:, None, :3, 3].expand_as(dirs)
     if single:
         return origins[0], dirs[0]
@@ -116,7 +154,8 @@ class RayBank:
     """Every training ray, flattened: ``origins``, ``dirs``, ``rgbs`` ``[N * H * W, 3]``."""
 
     def __init__(self, split: NerfSplit, device=None):
-        o, d = camera_rays(split.poses, split.intrinsics, split.H, split.W)
+        o, d = camera_rays(split.poses, split.intrinsics, split.H, split.W,
+                           getattr(split, "distortion", None))
         self.origins = o.reshape(-1, 3).to(device)
         self.dirs = d.reshape(-1, 3).to(device)
         self.rgbs = split.images.reshape(-1, 3).to(device)
