@@ -91,3 +91,7 @@ def run_script(cmd: Sequence[str], threads: int, what: str) -> float:
         lines = (r.stderr or r.stdout or "no output").strip().splitlines()
         raise UserError(f"{what} failed: {lines[-1] if lines else 'no output'}")
     return time.time() - t0
+
+# where a record written by a benchmark script's --record option comes from
+PROVENANCE = ("the script's JSON output (bench/, not committed), turned into this record by its "
+              "--record option")

@@ -30,7 +30,7 @@ import configargparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import add_record_args, write_record  # noqa: E402
+from benchmarks.records import PROVENANCE, add_record_args, write_record  # noqa: E402
 from kilonerf_lbfgs.config import parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
@@ -294,8 +294,7 @@ def to_record(report, command, date, machine, threads, notes):
                                       "call; after: in cache-sized chunks of cells."
                                       if pair else ""),
         "notes": notes,
-        "provenance": "the script's JSON output (bench/, not committed), turned into this "
-                      "record by its --record option",
+        "provenance": PROVENANCE,
         "columns": columns, "rows": rows,
         "tables": [{"caption": "BatchedLBFGS: seconds per evaluation, closure against the "
                                "optimiser's own work", "columns": lb_columns, "rows": lb}]}

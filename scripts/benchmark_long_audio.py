@@ -22,8 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import (add_record_args, add_run_args, concat_rows,  # noqa: E402
-                                run_script, write_record)
+from benchmarks.records import (PROVENANCE, add_record_args, add_run_args,  # noqa: E402
+                                concat_rows, run_script, write_record)
 from kilonerf_lbfgs.config import UserError, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
@@ -106,8 +106,7 @@ def to_record(report, command, date, machine, threads, notes):
                       f"evaluations per group. Peak memory: the fit process's peak resident "
                       f"set (VmHWM).",
         "notes": notes,
-        "provenance": "the script's JSON output (bench/, not committed), turned into this "
-                      "record by its --record option",
+        "provenance": PROVENANCE,
         "columns": COLUMNS, "rows": rows}
 
 

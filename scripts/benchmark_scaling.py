@@ -28,7 +28,7 @@ import configargparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import add_record_args, write_record  # noqa: E402
+from benchmarks.records import PROVENANCE, add_record_args, write_record  # noqa: E402
 from kilonerf_lbfgs.config import UserError, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
@@ -191,8 +191,7 @@ def to_record(report, command, date, machine, threads, notes):
                       "(lego 100x100, its cached teacher's samples, history 20). Peak memory: "
                       "each process's peak resident set (VmHWM).",
         "notes": notes,
-        "provenance": "the script's JSON output (bench/, not committed), turned into this "
-                      "record by its --record option",
+        "provenance": PROVENANCE,
         "columns": COLUMNS, "rows": rows,
         "tables": [{"caption": "The scripts as users run them, one process against torchrun "
                                "--nproc_per_node 2 (same seed, same evaluation budget, "

@@ -12,8 +12,8 @@ exists): intrinsics ``fl_x, fl_y, cx, cy, w, h`` per frame or global (a frame's 
 ``camera_angle_x`` / ``camera_angle_y`` stand in for a missing focal; ``cx, cy`` default to the
 centre; ``w, h`` to the image's size, and the intrinsics are rescaled when the image is of a
 different size than ``w, h``); OpenCV lens distortion ``k1, k2, p1, p2`` (per frame or
-global) goes to :attr:`NerfSplit.distortion`, and the rays undistort. Frames whose image file is missing are skipped with one warning
-that counts them. The file has no splits: ``test`` and ``val`` are every 8th frame (frames 0,
+global) goes to :attr:`NerfSplit.distortion`, and the rays undistort. Frames whose image
+file is missing are skipped with one warning that counts them. The file has no splits: ``test`` and ``val`` are every 8th frame (frames 0,
 8, 16, ...) and ``train`` is every other frame, so the test views are held out (the LLFF and
 nerfstudio protocol).
 
