@@ -44,8 +44,12 @@ def add_model_args(parser, width: int = 32, depth: int = 3, omega_0=30.0) -> Non
                                                 "omega_0": omega_0}, overrides=overrides)
 
 
-def make_model(args, n_cells: int, d_in: int, d_out: int, device) -> MultiMLP:
-    gen = torch.Generator().manual_seed(int(args.seed))
+def make_model(args, n_cells: int, d_in: int, d_out: int, device, group: int = -1
+               ) -> MultiMLP:
+    """The cells' networks from the model options, seeded by ``--seed``; ``group >= 0``
+    (one group of a signal fitted a group at a time) gets its own seed from both."""
+    seed = int(args.seed) if group < 0 else int(args.seed) * 1_000_003 + int(group)
+    gen = torch.Generator().manual_seed(seed)
     return MultiMLP(n_cells, d_in, d_out, args.width, args.depth, args.activation,
                     omega_0=args.omega_0, sigma=args.sigma, pe_freqs=args.pe_freqs,
                     generator=gen).to(device)

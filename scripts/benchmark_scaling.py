@@ -18,7 +18,6 @@ that does not depend on the machine), and reports the optimiser's time only.
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,8 @@ import configargparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import PROVENANCE, add_record_args, write_record  # noqa: E402
+from benchmarks.records import (PROVENANCE, add_record_args, run_script,  # noqa: E402
+                                write_record)
 from kilonerf_lbfgs.config import UserError, parse_args, run_main  # noqa: E402
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
@@ -98,22 +98,19 @@ def worker(args) -> None:
 
 
 # ------------------------------------------------------------------ driver
+def launcher(procs: int) -> list:
+    """The command prefix that starts a script as ``procs`` processes (torchrun when > 1)."""
+    return [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                                "--nproc_per_node", str(procs)] if procs > 1 else [])
+
+
 def run_config(args, job: str, procs: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "w.json")
         cmd = [str(Path(__file__).resolve()), "--worker", "--job", job, "--worker_out", out,
                "--datadir", args.datadir, "--max_evals", str(args.max_evals)]
         cmd += ["--quick"] if args.quick else []
-        if procs > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node", str(procs)] + cmd
-        else:
-            cmd = [sys.executable] + cmd
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise UserError(f"{job} on {procs} x {threads}: "
-                            f"{(r.stderr or r.stdout).strip().splitlines()[-1]}")
+        run_script(launcher(procs) + cmd, threads, f"{job} on {procs} x {threads}")
         return json.loads(Path(out).read_text())
 
 
@@ -136,13 +133,7 @@ def equivalence(args) -> list:
                 cmd = [str(ROOT / "scripts" / script), "--config", config, "--max_evals",
                        str(args.equivalence_evals), "--max_seconds", "1e9", "--out_dir", out,
                        "--no_progress", "--no_keep_best"]
-                cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]) + cmd
-                env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // procs)))
-                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if r.returncode != 0:
-                    raise UserError(f"{script} on {procs}: "
-                                    f"{(r.stderr or r.stdout).strip().splitlines()[-1]}")
+                run_script(launcher(procs) + cmd, max(1, 2 // procs), f"{script} on {procs}")
                 m = json.loads(Path(out, "metrics.json").read_text())
                 w = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
                 res[procs] = (m, w)

@@ -62,10 +62,7 @@ def main():
 def fit_streamed(args, device):
     """The out-of-core path: the recording read a stretch at a time, its cells fitted in
     groups (omega_0 auto: the bandwidth estimated block by block)."""
-    import torch
-
     from kilonerf_lbfgs.io import save_json
-    from kilonerf_lbfgs.multinet import MultiMLP
     from kilonerf_lbfgs.runner import fit_config_from_args
     from kilonerf_lbfgs.signals.audio import omega_from_bandwidth
     from kilonerf_lbfgs.signals.long_audio import (audio_info, fit_long_audio,
@@ -83,17 +80,11 @@ def fit_streamed(args, device):
           f"most {args.cells_in_memory}, omega_0 {args.omega_0:.1f}, {args.optimizer} on "
           f"{device}")
 
-    def make_model(n, group):
-        gen = torch.Generator().manual_seed(int(args.seed) * 1_000_003 + group)
-        return MultiMLP(n, 1, info.channels, args.width, args.depth, args.activation,
-                        omega_0=args.omega_0, sigma=args.sigma, pe_freqs=args.pe_freqs,
-                        generator=gen).to(device)
-
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = fit_config_from_args(args, args.target_psnr, desc="stretch")
     with for_option("--audio", args.audio):
         m = fit_long_audio(args.audio, args.samples_per_cell, args.cells_in_memory,
-                           make_model, cfg, os.path.join(args.out_dir, "reconstruction.wav"),
+                           lambda n, g: make_model(args, n, 1, info.channels, device, g), cfg, os.path.join(args.out_dir, "reconstruction.wav"),
                            os.path.join(args.out_dir, "weights"), resume=args.resume,
                            device=device)
     m.update(modality="audio", optimizer=args.optimizer, seed=args.seed,

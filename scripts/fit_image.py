@@ -62,10 +62,7 @@ def main():
 
 def fit_banded(args, device):
     """The out-of-core path: the image read lazily, the cells fitted band by band."""
-    import torch
-
     from kilonerf_lbfgs.io import save_json
-    from kilonerf_lbfgs.multinet import MultiMLP
     from kilonerf_lbfgs.runner import fit_config_from_args
     from kilonerf_lbfgs.signals.large_image import fit_large_image, open_lazy
     if args.image is None or args.image in ("astronaut", "camera", "coffee"):
@@ -78,16 +75,11 @@ def fit_banded(args, device):
           f"{rows * cols} cells in bands of at most {max(args.cells_in_memory, cols)}, "
           f"{args.optimizer} on {device}")
 
-    def make_model(n, band):
-        gen = torch.Generator().manual_seed(int(args.seed) * 1_000_003 + band)
-        return MultiMLP(n, 2, channels, args.width, args.depth, args.activation,
-                        omega_0=args.omega_0, sigma=args.sigma, pe_freqs=args.pe_freqs,
-                        generator=gen).to(device)
-
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = fit_config_from_args(args, args.target_psnr, desc="band")
     with for_option("--grid", args.grid):
-        m = fit_large_image(image, (rows, cols), args.cells_in_memory, make_model, cfg,
+        m = fit_large_image(image, (rows, cols), args.cells_in_memory,
+                            lambda n, band: make_model(args, n, 2, channels, device, band), cfg,
                             os.path.join(args.out_dir, "reconstruction.tif"),
                             os.path.join(args.out_dir, "weights"), resume=args.resume,
                             device=device)

@@ -53,9 +53,9 @@ def evaluate(model: nn.Module, marcher, split: NerfSplit, rs: RenderSettings,
     for i in views:
         synchronize(device)
         t0 = time.perf_counter()
-        dist = getattr(split, "distortion", None)
         img = render_view(model, marcher, split.poses[i], split.intrinsics[i], split.H,
-                          split.W, rs, chunk, None if dist is None else dist[i])
+                          split.W, rs, chunk,
+                          None if split.distortion is None else split.distortion[i])
         synchronize(device)
         seconds += time.perf_counter() - t0
         pred = img.cpu().numpy()

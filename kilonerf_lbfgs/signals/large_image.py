@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..fitting import FitConfig
-from ..streaming import Group, fit_groups, peak_rss_mb, plan_groups
+from ..streaming import Group, fit_groups, plan_groups
 from .image import ImageProblem
 
 LAZY_EXTS = (".tif", ".tiff", ".npy")
@@ -76,6 +76,7 @@ class SegmentedTiff:
         self.ndim = len(self.shape)
         self._seg_h, self._seg_w = page.chunks[:2]
         self._seg_rows, self._seg_cols = page.chunked[:2]
+        self._cached = None         # (segment row, its decoded pixels)
 
     @classmethod
     def open(cls, path: str):
@@ -95,26 +96,35 @@ class SegmentedTiff:
             return None
         return cls(tif, page)
 
+    def _segment_row(self, sr: int) -> np.ndarray:
+        """Segment row ``sr`` decoded, ``[rows, W(, C)]``; the last one is kept, since bands
+        thinner than a tile read the same segment row several times in turn."""
+        if self._cached is not None and self._cached[0] == sr:
+            return self._cached[1]
+        fh, page = self._tif.filehandle, self._page
+        sh, sw, w = self._seg_h, self._seg_w, self.shape[1]
+        h = min(sh, self.shape[0] - sr * sh)
+        out = np.empty((h,) + self.shape[1:], self.dtype)
+        for sc in range(self._seg_cols):
+            k = sr * self._seg_cols + sc
+            x0 = sc * sw
+            fh.seek(page.dataoffsets[k])
+            seg = page.decode(fh.read(page.databytecounts[k]), k)[0]
+            seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)[:h, :min(w, x0 + sw) - x0]
+            out[:, x0:x0 + seg.shape[1]] = seg if self.ndim == 3 else seg[..., 0]
+        self._cached = (sr, out)
+        return out
+
     def __getitem__(self, rows) -> np.ndarray:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("SegmentedTiff: index with a row slice, image[r0:r1]")
         r0, r1, _ = rows.indices(self.shape[0])
-        w = self.shape[1]
         out = np.empty((max(r1 - r0, 0),) + self.shape[1:], self.dtype)
-        fh, page = self._tif.filehandle, self._page
-        sh, sw = self._seg_h, self._seg_w
+        sh = self._seg_h
         for sr in range(r0 // sh, (r1 - 1) // sh + 1 if r1 > r0 else 0):
             y0 = sr * sh
             a, b = max(r0, y0), min(r1, y0 + sh)
-            for sc in range(self._seg_cols):
-                k = sr * self._seg_cols + sc
-                x0 = sc * sw
-                fh.seek(page.dataoffsets[k])
-                seg = page.decode(fh.read(page.databytecounts[k]), k)[0]
-                seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
-                block = seg[a - y0:b - y0, :min(w, x0 + sw) - x0]
-                out[a - r0:b - r0, x0:x0 + block.shape[1]] = \
-                    block if self.ndim == 3 else block[..., 0]
+            out[a - r0:b - r0] = self._segment_row(sr)[a - y0:b - y0]
         return out
 
 
@@ -201,4 +211,4 @@ def fit_large_image(image: np.ndarray, grid: Sequence[int], cells_in_memory: int
 
 
 __all__ = ["open_lazy", "SegmentedTiff", "to_unit", "from_unit", "plan_bands", "band_problem",
-           "fit_large_image", "peak_rss_mb"]
+           "fit_large_image"]

@@ -154,8 +154,7 @@ class RayBank:
     """Every training ray, flattened: ``origins``, ``dirs``, ``rgbs`` ``[N * H * W, 3]``."""
 
     def __init__(self, split: NerfSplit, device=None):
-        o, d = camera_rays(split.poses, split.intrinsics, split.H, split.W,
-                           getattr(split, "distortion", None))
+        o, d = camera_rays(split.poses, split.intrinsics, split.H, split.W, split.distortion)
         self.origins = o.reshape(-1, 3).to(device)
         self.dirs = d.reshape(-1, 3).to(device)
         self.rgbs = split.images.reshape(-1, 3).to(device)

@@ -85,12 +85,13 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
     parallel. Every rank draws the same batch and trains on its slice of
     ``batch_rays / world`` rays; the gradients are averaged over ranks (the gradient of the
     whole batch's loss), so every rank takes the same step, and the clock and the reported
-    loss are agreed each step."""
+    loss are agreed each step; rank 0 alone shows the progress bar."""
     if shards is not None and cfg.optimizer != "adam":
         raise ValueError(f"data-parallel training supports Adam only, not {cfg.optimizer}")
     if shards is not None and cfg.batch_rays % shards.world:
         raise ValueError(f"batch_rays {cfg.batch_rays} must be a multiple of the "
                          f"{shards.world} processes")
+    progress = progress and (shards is None or shards.is_main)
     device = bank.rgbs.device
     # the starting rates survive a resume (an optimizer state_dict keeps its param_groups)
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]

@@ -295,8 +295,7 @@ class NerfPipeline:
         shards = current()           # torchrun: data parallel (Adam)
         train_photometric(self.teacher, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
-                          progress=o.progress and (shards is None or shards.is_main),
-                          shards=shards)
+                          progress=o.progress, shards=shards)
         self.marcher.update(self.teacher.density, self.rs.step_size)
         self._finish("teacher")
 
@@ -375,8 +374,8 @@ class NerfPipeline:
         shards = current()
         train_photometric(self.field, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
-                          progress=o.progress and (shards is None or shards.is_main),
-                          probe=probe, probe_every=self.probe_every, shards=shards)
+                          progress=o.progress, probe=probe, probe_every=self.probe_every,
+                          shards=shards)
         self._finish(stage)
 
     def _seconds_before(self, stage: str) -> float:
