@@ -64,17 +64,23 @@ class DistillSetup:
     teacher: torch.nn.Module        # the opts' teacher (dense by default)
     occupied: torch.Tensor          # [grid_res^3] bool: cells that hold a network
     problem: DistillProblem
+    device: torch.device = torch.device("cpu")   # where the race runs (the setup is built on the CPU)
 
     def make_field(self, seed: int) -> KiloNeRFField:
         o = self.opts
         return KiloNeRFField(o.aabb, o.grid_res, self.occupied.cpu(), o.width, o.depth,
                              o.feature_dim, o.head_width, o.activation, o.omega_0,
-                             o.head_omega, generator=torch.Generator().manual_seed(1000 + seed))
+                             o.head_omega, generator=torch.Generator().manual_seed(1000 + seed),
+                             device=self.device)
 
 
 def prepare_distillation(spec: Dict, datadir: str, cache_dir: str = "bench",
-                         progress: bool = True, test_every: int = 1) -> DistillSetup:
-    """Load the scene, train (or load the cached) teacher, collect the distillation samples."""
+                         progress: bool = True, test_every: int = 1,
+                         device="cpu") -> DistillSetup:
+    """Load the scene, train (or load the cached) teacher, collect the distillation samples.
+
+    All of it on the CPU; ``device`` is where the problem's samples and the fields go (the
+    race's device)."""
     data = load_dataset(datadir, downsample=spec["downsample"], test_every=test_every)
     opts = NerfOptions(aabb=list(spec["aabb"]), grid_res=spec["grid_res"],
                        occ_res=spec["occ_res"], omega_0=spec["omega_0"],
@@ -105,15 +111,16 @@ def prepare_distillation(spec: Dict, datadir: str, cache_dir: str = "bench",
     samples = collect_distill_samples(teacher, marcher, bank, setup.make_field(0), rs,
                                       spec["distill_rays"], spec["max_per_cell"],
                                       torch.Generator().manual_seed(1))
-    setup.problem = DistillProblem(samples, rs.step_size)
+    setup.problem = DistillProblem(samples.to(device), rs.step_size)
+    setup.device = torch.device(device)
     print(f"distillation: {setup.problem.n_cells} cells with networks "
           f"({int(occupied.sum())}/{occupied.numel()}), {int(samples.counts.sum())} samples")
     return setup
 
 
 def build_distill_race(spec: Dict, datadir: str, seeds: Sequence[int], budget: Optional[float],
-                       cache_dir: str = "bench", progress: bool = True) -> Race:
-    setup = prepare_distillation(spec, datadir, cache_dir, progress)
+                       cache_dir: str = "bench", progress: bool = True, device="cpu") -> Race:
+    setup = prepare_distillation(spec, datadir, cache_dir, progress, device=device)
     m = spec["history_size"]
     return Race(setup.problem, setup.make_field, targets=spec["targets"],
                 budget=budget or spec["budget"], seeds=seeds,

@@ -153,12 +153,13 @@ def shape_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
 
 
 def nerf_distill_race(preset: Optional[str], quick: bool, seeds: Sequence[int],
-                      budget: Optional[float] = None, data: Optional[str] = None) -> Race:
+                      budget: Optional[float] = None, data: Optional[str] = None,
+                      device="cpu") -> Race:
     from benchmarks.nerf_distill import NERF_DISTILL_PRESETS, build_distill_race
     spec = preset_spec(NERF_DISTILL_PRESETS, preset, quick)
     datadir = require_data(data or os.path.join(SHARED_DATA, "nerf_synthetic", "lego"),
                          "--datadir")
-    return build_distill_race(spec, datadir, seeds, budget)
+    return build_distill_race(spec, datadir, seeds, budget, device=device)
 
 
 MODALITIES: Dict[str, Callable[..., Race]] = {

@@ -56,6 +56,10 @@ class Race:
     # callbacks every fit contender runs with, built afresh per run (e.g. fresh training
     # samples, the same sequence of draws for every contender and seed)
     fit_callbacks: Callable[[], List[Callback]] = list
+    # before the first timed run, each optimiser (BatchedLBFGS, Adam) runs this many
+    # evaluations on a throwaway model, untimed: on CUDA the first run would otherwise pay
+    # for kernel loading, library handles and the allocator's pools
+    warmup_evals: int = 0
 
 
 def first_time_reaching(history: List[List[float]], target: float) -> Optional[float]:
@@ -196,6 +200,11 @@ def run_race(race: Race, contenders: Optional[Sequence[str]] = None) -> Dict:
                                for t in race.targets))
         results[name] = summarise(name, runs, race.targets)
 
+    if race.warmup_evals > 0:
+        for cfg in (race.lbfgs, FitConfig(optimizer="adam", lr=race.adam_lrs[0])):
+            fit(race.make_model(0), race.problem,
+                FitConfig(max_evals=race.warmup_evals, progress=False, keep_best=False),
+                optimizer=lambda params, c=cfg: make_optimizer(c, params))
     if want("batched_lbfgs"):
         race_one("batched_lbfgs", _run_fit, race.lbfgs)
     adam_names = []

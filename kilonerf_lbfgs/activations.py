@@ -92,5 +92,13 @@ def init_layer_(weight: torch.Tensor, bias: torch.Tensor, activation: str, layer
         bound = 1.0 / fan_in if layer == 0 else math.sqrt(6.0 / fan_in) / omega_0
     else:  # nn.Linear's default (kaiming_uniform with a=sqrt(5))
         bound = 1.0 / math.sqrt(fan_in)
-    weight.uniform_(-bound, bound, generator=generator)
-    bias.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in), generator=generator)
+    b_bias = 1.0 / math.sqrt(fan_in)
+    if generator is None or generator.device == weight.device:
+        weight.uniform_(-bound, bound, generator=generator)
+        bias.uniform_(-b_bias, b_bias, generator=generator)
+    else:   # e.g. a CPU generator for CUDA weights: draw there, so both devices start the same
+        on = generator.device
+        weight.copy_(torch.empty(weight.shape, device=on).uniform_(-bound, bound,
+                                                                    generator=generator))
+        bias.copy_(torch.empty(bias.shape, device=on).uniform_(-b_bias, b_bias,
+                                                               generator=generator))

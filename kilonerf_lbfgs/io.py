@@ -96,6 +96,49 @@ def save_png(path: str, img: np.ndarray) -> None:
     iio.imwrite(path, img)
 
 
+class _Cv2VideoWriter:
+    """imageio's ``append_data`` interface over OpenCV's MP4 writer (codec mp4v)."""
+
+    def __init__(self, path: str, fps: float):
+        self.path, self.fps, self._w = path, float(fps), None
+
+    def append_data(self, frame: np.ndarray) -> None:
+        import cv2
+        frame = np.asarray(frame)
+        if frame.ndim == 2:
+            frame = np.repeat(frame[..., None], 3, axis=2)
+        if self._w is None:
+            h, w = frame.shape[:2]
+            self._w = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self._w.isOpened():
+                raise OSError(f"{self.path}: OpenCV cannot write MP4 here; "
+                              "pip install imageio-ffmpeg")
+        self._w.write(np.ascontiguousarray(frame[..., 2::-1]))   # RGB -> BGR
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._w is not None:
+            self._w.release()
+
+
+def video_writer(path: str, fps: float, **ffmpeg_kw):
+    """An MP4 writer (``with video_writer(p, 30) as w: w.append_data(uint8 [H, W, 3])``).
+
+    imageio's ffmpeg plugin (H.264) when imageio-ffmpeg is installed, else OpenCV's MP4 writer
+    (mp4v; opencv-python-headless ships its own FFmpeg), so a machine without imageio-ffmpeg
+    still writes videos.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return _Cv2VideoWriter(path, fps)
+    import imageio.v2 as iio2
+    return iio2.get_writer(path, format="ffmpeg", fps=fps, macro_block_size=1, **ffmpeg_kw)
+
+
 def plot_convergence(path: str, curves: Dict[str, Sequence[Sequence[float]]],
                      ylabel: str = "PSNR (dB)", title: str = "",
                      targets: Optional[Iterable[float]] = None) -> None:

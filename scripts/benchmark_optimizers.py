@@ -59,6 +59,11 @@ def main():
     p.add_argument("--datadir", default=None,
                    help="nerf, nerf_distill: the scene folder (default "
                         "../shared/data/nerf_synthetic/lego)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="nerf_distill: where the race runs (the teacher and samples are made "
+                        "on the CPU); the other modalities run on the CPU")
+    p.add_argument("--targets", type=float, nargs="+", default=None,
+                   help="replace the preset's quality targets (e.g. higher ones on a GPU)")
     p.add_argument("--out", default=None, help="results JSON (a PNG of the curves goes beside)")
     add_record_args(p)                  # nerf: a docs/results record from finished races
     p.add_argument("--title", default="NeRF whole-pipeline race", help="the record's title")
@@ -80,7 +85,9 @@ def main():
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     out = args.out or os.path.join("bench", f"{args.modality}_{args.study or preset}"
                                    f"{'_quick' if args.quick else ''}.json")
-    meta = {"modality": args.modality, "device": "cpu", "torch": torch.__version__,
+    if args.device != "cpu" and args.modality != "nerf_distill":
+        raise UserError(f"--device {args.device}: only --modality nerf_distill runs off the CPU")
+    meta = {"modality": args.modality, "device": args.device, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "quick": args.quick}
     if args.study:
         report = {**meta, "study": args.study, "rows": []}
@@ -115,10 +122,16 @@ def main():
                          ylabel="test PSNR (dB)", title=f"NeRF pipeline, {preset} (seed 0)")
         print(format_pipeline_tables(report))
     else:
-        race: Race = MODALITIES[args.modality](preset, args.quick, seeds, args.budget, data)
+        extra = {"device": args.device} if args.modality == "nerf_distill" else {}
+        race: Race = MODALITIES[args.modality](preset, args.quick, seeds, args.budget, data,
+                                               **extra)
         if args.sweep_seeds is not None:
             require_positive(args, "sweep_seeds")
             race.sweep_seeds = args.sweep_seeds
+        if args.targets is not None:
+            race.targets = tuple(sorted(args.targets))
+        if args.device == "cuda":
+            race.warmup_evals = 5
         if args.adam_lrs is not None:
             if not args.adam_lrs or min(args.adam_lrs) <= 0:
                 raise UserError(f"--adam_lrs {args.adam_lrs}: give one or more positive rates")

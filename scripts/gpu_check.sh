@@ -120,11 +120,13 @@ EOF
 }
 
 # ---------------------------------------------------------------- dependencies
-# import name:pip name -- setup.cfg's install_requires plus pytest (nerfacc only on a GPU).
-DEPS=(torch:torch numpy:numpy scipy:scipy trimesh:trimesh igl:libigl imageio:imageio
-      imageio_ffmpeg:imageio-ffmpeg cv2:opencv-python-headless tqdm:tqdm
-      configargparse:ConfigArgParse matplotlib:matplotlib skimage:scikit-image
-      soundfile:soundfile pytest:pytest)
+# import name:pip name -- what the NeRF path and the test collection import, plus pytest
+# (nerfacc only on a GPU). libigl (meshes) and imageio-ffmpeg (videos fall back to OpenCV's
+# MP4 writer without it) are not needed here.
+DEPS=(torch:torch numpy:numpy scipy:scipy trimesh:trimesh imageio:imageio
+      cv2:opencv-python-headless tqdm:tqdm configargparse:ConfigArgParse
+      matplotlib:matplotlib skimage:scikit-image tifffile:tifffile soundfile:soundfile
+      pytest:pytest)
 
 missing_of() {   # prints the pip names (space-separated) of the import:pip deps that fail to import
     "$PY" - "$@" <<'EOF' 2>/dev/null || die "cannot run $PY"

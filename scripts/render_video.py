@@ -7,12 +7,11 @@
 import os
 import time
 
-import imageio.v2 as imageio
 import torch
 
 from kilonerf_lbfgs.config import (UserError, build_parser, parse_args, require_positive,
                                    run_main)
-from kilonerf_lbfgs.io import save_png, to_uint8
+from kilonerf_lbfgs.io import save_png, to_uint8, video_writer
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, load_trained
 from kilonerf_lbfgs.nerf.evaluate import render_view
 from kilonerf_lbfgs.nerf.data.rays import orbit_poses
@@ -58,7 +57,7 @@ def main():
     path = os.path.join(args.out_dir, "orbit.mp4")
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
-    with imageio.get_writer(path, fps=args.fps, macro_block_size=1) as writer:
+    with video_writer(path, args.fps) as writer:
         for k in tqdm(range(args.n_frames), desc=f"orbit {W}x{H}", disable=args.no_progress):
             img = render_view(field, marcher, poses[k], K, H, W, rs, args.chunk).cpu().numpy()
             writer.append_data(to_uint8(img))

@@ -67,3 +67,8 @@ def test_bad_values_name_the_flag(script):
     _one_line_error(script("fit_audio.py", "--omega_0", "-5"), "--omega_0")
     _one_line_error(script("fit_video.py", "--grid", "99", "1", "1"), "--grid", "frames")
     _one_line_error(script("fit_shape.py", "--target", "volume"), "--target", "volume")
+
+
+def test_benchmark_device_only_for_the_distillation_race(script):
+    _one_line_error(script("benchmark_optimizers.py", "--modality", "audio", "--device", "cuda"),
+                    "--device", "nerf_distill")

@@ -379,3 +379,14 @@ def test_cpu_chunks_are_cache_sized_and_cuda_takes_one_call():
     assert dense_chunk_bytes("cuda") == 0 and dense_chunk_bytes("cpu") == CPU_CHUNK_BYTES
     net.chunk_bytes = 0
     assert net._chunk_cells(1024, "cpu") >= 256
+
+
+@pytest.mark.cuda
+def test_cuda_model_from_a_cpu_generator_starts_where_the_cpu_model_does():
+    # the pipelines seed a CPU generator whatever the device; CUDA weights draw on it too
+    kw = dict(activation="sine", omega_0=30.0)
+    cpu = MultiMLP(5, 3, 4, 16, 2, generator=torch.Generator().manual_seed(3), **kw)
+    gpu = MultiMLP(5, 3, 4, 16, 2, generator=torch.Generator().manual_seed(3), device="cuda",
+                   **kw)
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.equal(a, b.cpu())

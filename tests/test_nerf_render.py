@@ -480,7 +480,12 @@ def test_nerfacc_backend_matches_torch_backend(early_stop_eps):
     assert abs(a["n_samples"] - b["n_samples"]) <= 1e-3 * a["n_samples"]
     diff = (a["rgb"] - b["rgb"]).abs().amax(-1)
     assert diff.max() < 1e-3 and diff.mean() < 1e-4
-    assert (a["depth"] - b["depth"]).abs().max() < 1e-3
+    # depth is normalised by opacity: ill-conditioned on rays that barely graze the density
+    # (one such ray differed by 3.9 on an H200), so compare it where the ray is opaque enough,
+    # and the unnormalised depth (opacity x depth) everywhere
+    seen = a["opacity"] > 1e-3
+    assert (a["depth"] - b["depth"])[seen].abs().max() < 1e-3
+    assert (a["opacity"] * a["depth"] - b["opacity"] * b["depth"]).abs().max() < 1e-3
 
 
 @pytest.mark.cuda

@@ -15,7 +15,7 @@ import torch
 
 from ..grid import CellGrid
 from ..images import decode_image, read_image, resize_area
-from ..io import check_input_file, save_png, to_uint8
+from ..io import check_input_file, save_png, to_uint8, video_writer
 from ..metrics import psnr, ssim
 from ..packing import pack_samples
 from ..problems import PackedMSEProblem
@@ -174,16 +174,13 @@ def frame_metrics(recon: np.ndarray, video: np.ndarray) -> dict:
 
 def save_mp4(path: str, video: np.ndarray, fps: float = 25.0) -> None:
     """Write ``[T, H, W, C]`` in [0, 1] as H.264 MP4 (odd sizes padded by one edge pixel)."""
-    import imageio.v2 as iio2
     frames = to_uint8(video)
     if frames.shape[3] == 1:
         frames = np.repeat(frames, 3, axis=3)
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with iio2.get_writer(path, format="ffmpeg", fps=fps, codec="libx264", quality=8,
-                         macro_block_size=1, ffmpeg_log_level="error") as w:
+    with video_writer(path, fps, codec="libx264", quality=8, ffmpeg_log_level="error") as w:
         for f in frames:
             w.append_data(f)
 

@@ -157,7 +157,8 @@ class OccupancyGrid(nn.Module):
             for s in range(0, n_vox, chunk):
                 ids = ids_all[s:s + chunk]
                 ijk = torch.stack([ids // (ry * rz), (ids // rz) % ry, ids % rz], -1).to(dtype)
-                u = torch.rand(ijk.shape, device=dev, dtype=dtype, generator=generator)
+                u = torch.rand(ijk.shape, dtype=dtype, generator=generator,
+                               device=generator.device if generator is not None else dev).to(dev)
                 x = lo + (ijk + u) / res * (hi - lo)
                 sigma = density_fn(x).reshape(-1).to(new.dtype)
                 if sigma.numel() != ids.numel():

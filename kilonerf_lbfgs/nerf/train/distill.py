@@ -40,6 +40,10 @@ class DistillSamples:
     mask: torch.Tensor
     counts: torch.Tensor
 
+    def to(self, device) -> "DistillSamples":
+        return DistillSamples(*(t.to(device) for t in (self.local, self.dirs, self.alpha,
+                                                        self.rgb, self.mask, self.counts)))
+
     def select(self, nets: torch.Tensor) -> "DistillSamples":
         return DistillSamples(*(t.index_select(0, nets) for t in
                                 (self.local, self.dirs, self.alpha, self.rgb, self.mask,
