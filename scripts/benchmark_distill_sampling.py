@@ -23,7 +23,8 @@ from benchmarks.nerf_distill_sampling import (CONTENDERS, PRESETS, format_table,
                                               merge_reports, results_record, run_study)
 from benchmarks.presets import SHARED_DATA, preset_spec, require_data  # noqa: E402
 from benchmarks.records import add_record_args, write_record  # noqa: E402
-from kilonerf_lbfgs.config import for_option, parse_args, run_main  # noqa: E402
+from kilonerf_lbfgs.config import (for_option, parse_args, require_positive,  # noqa: E402
+                                   run_main)
 from kilonerf_lbfgs.io import save_json  # noqa: E402
 
 
@@ -35,6 +36,11 @@ def main():
     p.add_argument("--datadir", default=os.path.join(SHARED_DATA, "nerf_synthetic", "lego"))
     p.add_argument("--contenders", nargs="+", default=None, choices=list(CONTENDERS))
     p.add_argument("--budget", type=float, default=None, help="seconds per contender")
+    p.add_argument("--probe_every", type=float, default=None,
+                   help="seconds of training between held-out probes (default: the preset's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the study runs (the teacher and the sample sets are made on "
+                        "the CPU, then moved)")
     p.add_argument("--out", default=None)
     add_record_args(p)
     args = parse_args(p)
@@ -44,9 +50,12 @@ def main():
         return
     require_data(args.datadir, "--datadir")
     spec = preset_spec(PRESETS, args.preset, args.quick)
+    if args.probe_every is not None:
+        require_positive(args, "probe_every")
+        spec["probe_every"] = args.probe_every
     with for_option("--datadir", args.datadir):
-        rep = run_study(args.datadir, spec, args.contenders, args.budget)
-    rep.update(preset=args.preset, quick=args.quick, datadir=args.datadir,
+        rep = run_study(args.datadir, spec, args.contenders, args.budget, device=args.device)
+    rep.update(preset=args.preset, quick=args.quick, datadir=args.datadir, device=args.device,
                threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
     out = args.out or os.path.join(
         "bench", f"nerf_distill_sampling{'_quick' if args.quick else ''}.json")
