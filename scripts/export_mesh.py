@@ -44,8 +44,7 @@ def main():
     if args.slab < 1:
         raise UserError(f"--slab {args.slab}: must be positive")
     device = setup_run(args)
-    field, marcher, opts, _ = load_trained(args.ckpt, device)
-    rs = opts.settings(device)
+    field, marcher, opts, _, rs = load_trained(args.ckpt, device)
     if args.threshold == "auto":
         try:
             threshold = rendered_surface_density(field, marcher, rs, opts.aabb)

@@ -40,7 +40,7 @@ def main():
     require_positive(args, "n_frames", "radius", "fps", "chunk")
     device = setup_run(args)
     ckpt = args.ckpt or os.path.join(args.out_dir, "checkpoint.pt")
-    field, marcher, opts, camera = load_trained(ckpt, device)
+    field, marcher, opts, camera, rs = load_trained(ckpt, device)
     if camera is None:   # older checkpoints: take the camera from the scene's test split
         test = load_scene(args, search_dirs=[REPO])["test"]
         camera = {"W": test.W, "H": test.H, "intrinsics": test.intrinsics[0].tolist()}
@@ -52,7 +52,6 @@ def main():
     K = torch.tensor([fx * sx, fy * sy, cx * sx, cy * sy])
     center = [0.5 * (a + b) for a, b in zip(opts.aabb[:3], opts.aabb[3:])]
     poses = orbit_poses(args.n_frames, args.radius, args.elevation, center)
-    rs = opts.settings(device)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "orbit.mp4")
     from tqdm.auto import tqdm

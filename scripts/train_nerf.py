@@ -23,12 +23,34 @@ REPO = os.path.dirname(HERE)
 CONFIGS = os.path.join(REPO, "configs")
 
 
+def start_viewer(args, opts, rs):
+    """The live viewer, or one line saying why it cannot start."""
+    try:
+        from kilonerf_lbfgs.nerf.viewer import NerfViewer
+    except ImportError as e:
+        raise UserError(f"--viewer needs viser ({e}); pip install viser") from e
+    try:
+        viewer = NerfViewer(opts.aabb, rs, grid_res=opts.grid_res, host=args.viewer_host,
+                            port=args.viewer_port)
+    except OSError as e:
+        raise UserError(f"--viewer_port {args.viewer_port}: cannot serve there ({e}); pick "
+                        f"another") from e
+    print(f"viewer at {viewer.url} (training runs at full speed while no browser is open)",
+          flush=True)
+    return viewer
+
+
 def main():
     # the pipeline's own options replace the fit scripts' optimiser flags
     p = build_parser(__doc__, config_dirs=[CONFIGS],
                      skip=("max_evals", "optimizer", "line_search", "lr_schedule",
                            "no_keep_best"))
     add_nerf_args(p)
+    p.add_argument("--viewer", action="store_true",
+                   help="serve a live web viewer of the training (viser) at --viewer_port")
+    p.add_argument("--viewer_port", type=int, default=8080)
+    p.add_argument("--viewer_host", default="127.0.0.1",
+                   help="address to serve on (0.0.0.0: every interface of this machine)")
     args = parse_args(p)
     device = setup_run(args)
     shards = distributed.current()
@@ -36,6 +58,9 @@ def main():
         raise UserError(f"under torchrun the direct route trains data parallel with --optimizer "
                         f"adam only (not {args.optimizer}); use --route distill (its networks "
                         f"are sharded over the processes) or run as one process")
+    if shards is not None and args.background_model == "learned":
+        raise UserError("--background_model learned does not train data parallel yet; run "
+                        "it as one process")
     data = load_scene(args, search_dirs=[REPO])
     opts = options_from_args(args, data["train"])
     os.makedirs(args.out_dir, exist_ok=True)
@@ -48,7 +73,14 @@ def main():
                         extra={"args": vars(args), "camera": camera})
     with for_option("--resume", ckpt):
         resume_or_new(pipe, args.resume)
-    field = pipe.run()
+    if args.viewer and (shards is None or shards.is_main):
+        pipe.viewer = start_viewer(args, opts, pipe.rs)
+    try:
+        field = pipe.run()
+    finally:
+        if pipe.viewer is not None:
+            pipe.viewer.close()
+            print(f"viewer closed; to fly around the result: python scripts/view.py --ckpt {ckpt}")
     if shards is not None and not shards.is_main:    # rank 0 evaluates and writes the outputs
         return
     m = evaluate(field, pipe.marcher, test, pipe.rs, out_dir=os.path.join(args.out_dir, "test"),

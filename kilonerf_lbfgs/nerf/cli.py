@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List, Optional, Sequence
+from dataclasses import replace
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 from ..config import UserError, add_options, for_option, option
 from ..config import options_from_args as _dataclass_from_args
 from .data.demo_scene import default_demo_dir, ensure_demo_scene
 from ..io import load_checkpoint
 from .data.loaders import NerfSplit, load_dataset
+from .fields.background import BackgroundMap
 from .fields.kilonerf import KiloNeRFField
 from .render.marcher import Marcher
+from .render.rendering import RenderSettings
 from .train.pipeline import NerfOptions
 
 DEFAULTS = NerfOptions()
@@ -110,9 +113,20 @@ def options_from_args(args, train: NerfSplit) -> NerfOptions:
                                 progress=not args.no_progress)
 
 
-def load_trained(path: str, device):
-    """(field, marcher, options, camera) from a train_nerf.py checkpoint; a missing file or
-    a checkpoint of another kind is one :class:`UserError` naming ``--ckpt``."""
+class TrainedNerf(NamedTuple):
+    """What a train_nerf.py checkpoint holds: the cells, the occupancy grid, the options,
+    the training camera (``{"W", "H", "intrinsics"}`` or None) and the render settings (with
+    the learned background, if the run had one)."""
+    field: KiloNeRFField
+    marcher: Marcher
+    opts: NerfOptions
+    camera: Optional[dict]
+    rs: RenderSettings
+
+
+def load_trained(path: str, device) -> TrainedNerf:
+    """The trained scene of a train_nerf.py checkpoint; a missing file or a checkpoint of
+    another kind is one :class:`UserError` naming ``--ckpt``."""
     if not os.path.isfile(path):
         raise UserError(f"--ckpt {path}: no such checkpoint; train first with "
                         f"scripts/train_nerf.py (it writes OUT_DIR/checkpoint.pt)")
@@ -128,4 +142,9 @@ def load_trained(path: str, device):
     field.load_state_dict(state)
     marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold, device=device)
     marcher.load_state_dict(ckpt["marcher"])
-    return field.eval(), marcher, opts, ckpt.get("camera")
+    rs = opts.settings(device)
+    if opts.background_model == "learned" and "background" in ckpt:
+        bg = BackgroundMap(opts.background_res, device=device)
+        bg.load_state_dict(ckpt["background"])
+        rs = replace(rs, background=bg.eval())
+    return TrainedNerf(field.eval(), marcher, opts, ckpt.get("camera"), rs)

@@ -23,7 +23,7 @@ def render_view(model: nn.Module, marcher, pose: torch.Tensor, intrinsics: torch
                 distortion: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One camera ``pose [4, 4]``, ``intrinsics [4]`` (and lens ``distortion [4]``) ->
     image ``[H, W, 3]`` (rays in chunks)."""
-    device = rs.background.device
+    device = rs.device
     o, d = camera_rays(pose.to(device), intrinsics.to(device), H, W,
                        None if distortion is None else distortion.to(device))
     out = torch.empty(H * W, 3, device=device)
@@ -42,7 +42,7 @@ def evaluate(model: nn.Module, marcher, split: NerfSplit, rs: RenderSettings,
     ``render_fps`` is views per second of rendering at ``split.H x split.W`` (no metrics, no
     I/O in the timing).
     """
-    device = rs.background.device
+    device = rs.device
     views = range(len(split))
     if progress:
         from tqdm.auto import tqdm

@@ -108,7 +108,7 @@ def rendered_surface_density(field, marcher, rs, aabb: Sequence[float], n_views:
     radius = 2.0 * half_diag                     # the bounding sphere fills a 60 degree view
     focal = 0.5 * size / math.tan(math.radians(30.0))
     K = torch.tensor([focal, focal, 0.5 * size, 0.5 * size])
-    device = rs.background.device
+    device = rs.device
     view_rs = replace(rs, near=max(radius - half_diag, 1e-3), far=radius + half_diag)
     found = []
     for pose in orbit_poses(n_views, radius, elevation_deg, center.tolist()):

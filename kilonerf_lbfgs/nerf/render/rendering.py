@@ -18,12 +18,25 @@ from .volrend import render_weights
 
 @dataclass
 class RenderSettings:
+    """How rays are rendered. ``background``: an RGB ``[3]`` tensor, or a module mapping
+    ray directions ``[R, 3]`` to colours ``[R, 3]`` (e.g. a learned
+    :class:`~kilonerf_lbfgs.nerf.fields.background.BackgroundMap`)."""
     near: float
     far: float
     step_size: float
-    background: torch.Tensor            # [3]
+    background: torch.Tensor            # [3], or a module d [R, 3] -> rgb [R, 3]
     early_stop_eps: float = 1e-4
     alpha_thre: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        bg = self.background
+        return bg.device if isinstance(bg, torch.Tensor) else next(bg.parameters()).device
+
+    def background_for(self, rays_d: torch.Tensor) -> torch.Tensor:
+        """The background colour behind rays ``rays_d [R, 3]``: ``[3]`` or ``[R, 3]``."""
+        bg = self.background
+        return bg if isinstance(bg, torch.Tensor) else bg(rays_d)
 
 
 COLOR_WEIGHT_EPS = 1e-4
@@ -68,5 +81,5 @@ def render_rays(model: nn.Module, marcher, rays_o: torch.Tensor, rays_d: torch.T
     ``color_weight_eps``: see :func:`field_fns`."""
     rgb_sigma_fn, sigma_fn = field_fns(model, rays_o, rays_d, color_weight_eps)
     return marcher.render(rays_o, rays_d, rgb_sigma_fn, rs.near, rs.far, rs.step_size,
-                          rs.background, early_stop_eps=rs.early_stop_eps,
+                          rs.background_for(rays_d), early_stop_eps=rs.early_stop_eps,
                           alpha_thre=rs.alpha_thre, chunk=chunk, sigma_fn=sigma_fn)

@@ -5,6 +5,7 @@ Any field with ``forward(x [S,3], d [S,3]) -> (rgb [S,3], sigma [S])`` and
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -67,11 +68,61 @@ def make_photometric_optimizer(model: nn.Module, cfg: PhotometricConfig):
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
+def _one_step(model, marcher, bank: RayBank, rs: RenderSettings, cfg: PhotometricConfig,
+              state: LoopState, opt, generator: torch.Generator, shards, base_lrs):
+    """One training step of :func:`train_photometric`: ``(loss [], seconds it took)``."""
+    device = bank.rgbs.device
+    synchronize(device)
+    t0 = time.perf_counter()
+    if state.steps % cfg.update_every == 0 and (
+            state.seconds >= cfg.occ_warmup * cfg.seconds
+            or int(marcher.grid.n_updates) > 0):
+        marcher.update(model.density, rs.step_size)
+    o, d, c = bank.sample(cfg.batch_rays, generator)
+    if shards is not None:           # this rank's slice of the same global batch
+        k = cfg.batch_rays // shards.world
+        o, d, c = (t[shards.rank * k:(shards.rank + 1) * k] for t in (o, d, c))
+    # until the grid knows where the scene is, march coarsely (densities are per unit
+    # length, so the field is the same at any step; only the sampling is cheaper)
+    rs_now = rs if int(marcher.grid.n_updates) > 0 else replace(
+        rs, step_size=rs.step_size * cfg.warmup_coarse)
+    if cfg.optimizer == "lbfgs":
+        loss = _lbfgs_step(model, marcher, o, d, c, rs_now, opt, state)
+    elif cfg.optimizer == "lbfgs_targets":
+        loss = _targets_step(model, marcher, o, d, c, rs_now, opt, state, cfg, generator)
+    else:
+        # with a step budget the decay follows steps, so it does not depend on the clock
+        frac = min(1.0, state.steps / cfg.max_steps if cfg.max_steps > 0
+                   else state.seconds / max(cfg.seconds, 1e-9))
+        for g, lr0 in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr0 * cfg.lr_end_factor ** frac
+        opt.zero_grad(set_to_none=True)
+        out = render_rays(model, marcher, o, d, rs_now, chunk=max(cfg.batch_rays, 1))
+        loss = torch.mean((out["rgb"] - c) ** 2)
+        total = loss
+        if cfg.tv_weight > 0 and hasattr(model, "total_variation"):
+            total = total + cfg.tv_weight * model.total_variation()
+        total.backward()
+        if shards is not None:
+            _average_gradients(model, shards)
+            loss = _average_scalar(loss.detach(), shards)
+        opt.step()
+        state.evals += 1
+    synchronize(device)
+    dt = time.perf_counter() - t0
+    if shards is not None:           # every rank stops at the same step
+        from ...distributed import all_max
+        dt = all_max(dt, shards)
+    return loss, dt
+
+
 def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettings,
                       cfg: PhotometricConfig, state: LoopState, opt, generator: torch.Generator,
                       checkpoint: Optional[Callable[[], None]] = None, ckpt_every: float = 60.0,
                       progress: bool = True, probe: Optional[Callable[[float], None]] = None,
-                      probe_every: float = math.inf, shards=None) -> LoopState:
+                      probe_every: float = math.inf, shards=None,
+                      step_lock=None, on_step: Optional[Callable[[LoopState, float], None]] = None
+                      ) -> LoopState:
     """Train ``model`` on random ray batches until ``cfg.seconds`` of training (``state``
     carries the clock of a resumed run). Adam: a fresh batch per step. L-BFGS (coupled):
     one batch and its samples stay fixed for ``lbfgs_evals`` evaluations, so the line
@@ -85,7 +136,10 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
     parallel. Every rank draws the same batch and trains on its slice of
     ``batch_rays / world`` rays; the gradients are averaged over ranks (the gradient of the
     whole batch's loss), so every rank takes the same step, and the clock and the reported
-    loss are agreed each step; rank 0 alone shows the progress bar."""
+    loss are agreed each step; rank 0 alone shows the progress bar.
+
+    ``step_lock`` (e.g. a live viewer's lock) is held for each step, acquired before its clock
+    starts; ``on_step(state, train_psnr)`` is called after each step, untimed."""
     if shards is not None and cfg.optimizer != "adam":
         raise ValueError(f"data-parallel training supports Adam only, not {cfg.optimizer}")
     if shards is not None and cfg.batch_rays % shards.world:
@@ -103,48 +157,11 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
                               "[{elapsed}<{remaining}{postfix}]")
         bar.update(min(state.seconds, cfg.seconds))
     last_ckpt, last_probe, ema = state.seconds, state.seconds, None
+    lock = step_lock if step_lock is not None else contextlib.nullcontext()
     while state.seconds < cfg.seconds and not (0 < cfg.max_steps <= state.steps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        if state.steps % cfg.update_every == 0 and (
-                state.seconds >= cfg.occ_warmup * cfg.seconds
-                or int(marcher.grid.n_updates) > 0):
-            marcher.update(model.density, rs.step_size)
-        o, d, c = bank.sample(cfg.batch_rays, generator)
-        if shards is not None:           # this rank's slice of the same global batch
-            k = cfg.batch_rays // shards.world
-            o, d, c = (t[shards.rank * k:(shards.rank + 1) * k] for t in (o, d, c))
-        # until the grid knows where the scene is, march coarsely (densities are per unit
-        # length, so the field is the same at any step; only the sampling is cheaper)
-        rs_now = rs if int(marcher.grid.n_updates) > 0 else replace(
-            rs, step_size=rs.step_size * cfg.warmup_coarse)
-        if cfg.optimizer == "lbfgs":
-            loss = _lbfgs_step(model, marcher, o, d, c, rs_now, opt, state)
-        elif cfg.optimizer == "lbfgs_targets":
-            loss = _targets_step(model, marcher, o, d, c, rs_now, opt, state, cfg, generator)
-        else:
-            # with a step budget the decay follows steps, so it does not depend on the clock
-            frac = min(1.0, state.steps / cfg.max_steps if cfg.max_steps > 0
-                       else state.seconds / max(cfg.seconds, 1e-9))
-            for g, lr0 in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr0 * cfg.lr_end_factor ** frac
-            opt.zero_grad(set_to_none=True)
-            out = render_rays(model, marcher, o, d, rs_now, chunk=max(cfg.batch_rays, 1))
-            loss = torch.mean((out["rgb"] - c) ** 2)
-            total = loss
-            if cfg.tv_weight > 0 and hasattr(model, "total_variation"):
-                total = total + cfg.tv_weight * model.total_variation()
-            total.backward()
-            if shards is not None:
-                _average_gradients(model, shards)
-                loss = _average_scalar(loss.detach(), shards)
-            opt.step()
-            state.evals += 1
-        synchronize(device)
-        dt = time.perf_counter() - t0
-        if shards is not None:           # every rank stops at the same step
-            from ...distributed import all_max
-            dt = all_max(dt, shards)
+        with lock:
+            loss, dt = _one_step(model, marcher, bank, rs, cfg, state, opt, generator,
+                                 shards, base_lrs)
         state.seconds += dt
         state.steps += 1
         q = psnr_from_mse(float(loss.detach()))
@@ -161,6 +178,8 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
         if probe is not None and state.seconds - last_probe >= probe_every:
             probe(state.seconds)
             last_probe = state.seconds
+        if on_step is not None:
+            on_step(state, ema)
     if probe is not None and last_probe < state.seconds:
         probe(state.seconds)
     if bar is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -32,6 +32,7 @@ from ...grid import CellGrid
 from ...io import load_checkpoint, save_checkpoint
 from .distill import (DistillProblem, FreshUniformSamples, collect_distill_samples,
                       concat_samples, uniform_distill_samples)
+from ..fields.background import BackgroundMap
 from ..fields.kilonerf import KiloNeRFField
 from ..render.marcher import Marcher
 from .photometric import LoopState, PhotometricConfig, make_photometric_optimizer, train_photometric
@@ -58,6 +59,16 @@ class NerfOptions:
     far: float = dc_field(default=6.0, metadata={"help": "ray end", "cli": False})
     background: List[float] = dc_field(default_factory=lambda: [1.0, 1.0, 1.0], metadata={
         "help": "RGB the renders are composited on", "cli": False})
+    background_model: str = dc_field(default="constant", metadata={
+        "help": "what a ray sees after the scene box: constant (the background colour; "
+                "masked scenes) or learned (a colour per direction trained with the cells; "
+                "unmasked captures; stages trained with Adam)",
+        "choices": ("constant", "learned")})
+    background_res: int = dc_field(default=32, metadata={
+        "help": "learned background: rows of its direction map (twice as many columns)",
+        "positive": True})
+    background_lr: float = dc_field(default=1e-2, metadata={
+        "help": "learned background: Adam rate", "positive": True})
     step_size: float = dc_field(default=0.0, metadata={
         "help": "marching step (0: box diagonal / 256)", "min": 0})
     grid_res: int = dc_field(default=16, metadata={
@@ -195,6 +206,11 @@ class NerfPipeline:
                  extra: Optional[Dict] = None):
         if opts.route not in STAGES:
             raise ValueError(f"route {opts.route!r}: choose distill or direct")
+        if (opts.background_model == "learned" and opts.route == "direct"
+                and opts.optimizer != "adam"):
+            raise ValueError(f"background_model learned trains with Adam; the direct route "
+                             f"with optimizer {opts.optimizer} cannot train it (use "
+                             f"background_model constant, or optimizer adam)")
         if opts.optimizer == "lbfgs_targets" and opts.route != "direct":
             raise ValueError("optimizer lbfgs_targets trains from the photos: it needs "
                              "route = direct (the distill route fits a teacher with lbfgs "
@@ -205,6 +221,10 @@ class NerfPipeline:
         self.opts, self.bank, self.device = opts, train_bank, device
         self.ckpt_path, self.extra = ckpt_path, dict(extra or {})
         self.rs = opts.settings(device)
+        self.background: Optional[BackgroundMap] = None      # the learned one, if any
+        if opts.background_model == "learned":
+            self.background = BackgroundMap(opts.background_res, opts.background, device=device)
+            self.rs = replace(self.rs, background=self.background)
         self.gen = torch.Generator().manual_seed(opts.seed)
         torch.manual_seed(opts.seed)
         self.marcher = Marcher(opts.aabb, opts.occ_res, threshold=opts.occ_threshold,
@@ -219,6 +239,8 @@ class NerfPipeline:
         # probe_every seconds while the cell networks train, and when a stage ends with them
         self.probe: Optional[Callable[[KiloNeRFField, float], None]] = None
         self.probe_every: float = math.inf
+        # a live viewer (kilonerf_lbfgs.nerf.viewer.NerfViewer) shown the model in training
+        self.viewer = None
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, opt=None, fit_payload: Optional[Dict] = None) -> Dict:
@@ -232,6 +254,8 @@ class NerfPipeline:
                             "state": self.teacher.state_dict()}
         if self.field is not None:
             p["field"] = {"config": self.field.config(), "state": self.field.state_dict()}
+        if self.background is not None:
+            p["background"] = self.background.state_dict()
         if opt is not None:
             p["optimizer"] = opt.state_dict()
         p.update(self.extra)
@@ -259,7 +283,16 @@ class NerfPipeline:
         if "field" in ckpt:
             self.field = KiloNeRFField.from_config(ckpt["field"]["config"], device=self.device)
             self.field.load_state_dict(ckpt["field"]["state"])
+        if self.background is not None and "background" in ckpt:
+            self.background.load_state_dict(ckpt["background"])
         self.resume_payload = ckpt
+
+    def _with_background(self, opt):
+        """Adam ``opt`` with the learned background's parameter group added (if any)."""
+        if self.background is not None:
+            opt.add_param_group({"params": list(self.background.parameters()),
+                                 "lr": self.opts.background_lr})
+        return opt
 
     def _resume_opt(self, opt) -> None:
         if self.resume_payload is not None and "optimizer" in self.resume_payload:
@@ -287,7 +320,7 @@ class NerfPipeline:
         o = self.opts
         if self.teacher is None:
             self.teacher = new_teacher(o, self.device)
-        opt = self.teacher.optimizer(lr_grid=teacher_lr(o, self.teacher))
+        opt = self._with_background(self.teacher.optimizer(lr_grid=teacher_lr(o, self.teacher)))
         self._resume_opt(opt)
         cfg = PhotometricConfig(optimizer="adam", batch_rays=o.batch_rays,
                                 seconds=self.opts.budgets()["teacher"], tv_weight=o.tv_weight,
@@ -295,7 +328,8 @@ class NerfPipeline:
         shards = current()           # torchrun: data parallel (Adam)
         train_photometric(self.teacher, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
-                          progress=o.progress, shards=shards)
+                          progress=o.progress, shards=shards,
+                          **self._viewer_hooks("teacher", self.teacher))
         self.marcher.update(self.teacher.density, self.rs.step_size)
         self._finish("teacher")
 
@@ -366,6 +400,8 @@ class NerfPipeline:
                                 targets_per_cell=o.targets_per_cell,
                                 desc=f"{stage} {optimizer}")
         opt = make_photometric_optimizer(self.field, cfg)
+        if optimizer == "adam":
+            opt = self._with_background(opt)
         self._resume_opt(opt)
         probe = None
         if self.probe is not None:
@@ -375,8 +411,20 @@ class NerfPipeline:
         train_photometric(self.field, self.marcher, self.bank, self.rs, cfg, self.loop, opt,
                           self.gen, checkpoint=lambda: self.save(opt), ckpt_every=o.ckpt_every,
                           progress=o.progress, probe=probe, probe_every=self.probe_every,
-                          shards=shards)
+                          shards=shards, **self._viewer_hooks(f"{stage} ({optimizer})",
+                                                              self.field))
         self._finish(stage)
+
+    def _viewer_hooks(self, label: str, model: nn.Module) -> Dict:
+        """train_photometric's ``step_lock`` and ``on_step`` for the live viewer, if any."""
+        if self.viewer is None:
+            return {}
+        from ..viewer import progress_text
+        self.viewer.set_field(model, self.marcher)
+        return {"step_lock": self.viewer.lock,
+                "on_step": lambda st, psnr: self.viewer.update(
+                    progress_text(label, st.steps, self._seconds_before(self.stage) + st.seconds,
+                                  psnr))}
 
     def _seconds_before(self, stage: str) -> float:
         """Training seconds of the stages that precede ``stage`` in this route."""
