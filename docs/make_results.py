@@ -35,7 +35,8 @@ ORDER = (
     "image_compression_kodak", "image_activations", "image_width",
     "audio_race", "video_race", "shape_race", "shape_generalisation", "quick_races",
     "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "engine_demo",
-    "scaling", "large_image", "long_audio", "gpu_h200",
+    "scaling", "large_image", "long_audio", "gpu_h200", "fox", "own_scene_colmap", "nerf_auto_box",
+    "mesh_demo",
 )
 
 

@@ -6,13 +6,16 @@ then evaluate it on the test split.
     python scripts/train_nerf.py --config lego.txt --datadir PATH/nerf_synthetic/lego
 """
 import os
+import time
+from dataclasses import replace
 
 from kilonerf_lbfgs import distributed
 from kilonerf_lbfgs.config import UserError, build_parser, for_option, parse_args, run_main
-from kilonerf_lbfgs.io import plot_convergence, save_json
+from kilonerf_lbfgs.io import load_checkpoint, plot_convergence, save_json
 from kilonerf_lbfgs.nerf.cli import add_nerf_args, load_scene, options_from_args
 from kilonerf_lbfgs.nerf.evaluate import evaluate
 from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.train.box import find_tight_box
 from kilonerf_lbfgs.nerf.train.pipeline import NerfPipeline, resume_or_new
 from kilonerf_lbfgs.runner import setup_run
 
@@ -38,6 +41,21 @@ def start_viewer(args, opts, rs):
     print(f"viewer at {viewer.url} (training runs at full speed while no browser is open)",
           flush=True)
     return viewer
+
+
+def tight_box(args, opts, train, device, ckpt):
+    """``opts`` with the box found by a coarse pass (or the resumed run's), and its seconds."""
+    if args.resume and os.path.isfile(ckpt):
+        with for_option("--resume", ckpt):
+            box = load_checkpoint(ckpt)["options"]["aabb"]
+        return replace(opts, aabb=box), 0.0
+    t0 = time.perf_counter()
+    box = find_tight_box(RayBank(train, device), opts, args.auto_box, device, args.seed,
+                         progress=not args.no_progress)
+    dt = time.perf_counter() - t0
+    print(f"tight box from a {args.auto_box:g} s coarse pass: "
+          f"[{', '.join(f'{v:.3f}' for v in box)}] (in {dt:.0f} s)")
+    return replace(opts, aabb=box), dt
 
 
 def main():
@@ -66,6 +84,9 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt = os.path.join(args.out_dir, "checkpoint.pt")
     train, test = data["train"], data["test"]
+    box_seconds = 0.0
+    if args.auto_box > 0:
+        opts, box_seconds = tight_box(args, opts, train, device, ckpt)
     print(f"{len(train)} train / {len(test)} test views at {train.W}x{train.H}; route "
           f"{opts.route}, cells {opts.grid_res}^3, {opts.optimizer} on {device}")
     camera = {"W": train.W, "H": train.H, "intrinsics": train.intrinsics[0].tolist()}
@@ -98,6 +119,7 @@ def main():
                "params_per_cell": field.params_per_cell,
                "params_total": field.n_nets * field.params_per_cell,
                "occupancy_fraction": pipe.marcher.grid.occupied_fraction(),
+               "aabb": opts.aabb, "box_seconds": box_seconds,
                "image_size": [train.W, train.H], "options": opts.__dict__}
     save_json(os.path.join(args.out_dir, "metrics.json"), metrics)
     plot_convergence(os.path.join(args.out_dir, "convergence.png"), {opts.route: history},

@@ -12,7 +12,7 @@ import torch
 from kilonerf_lbfgs.nerf.data.loaders import load_dataset, load_split
 from kilonerf_lbfgs.nerf.data.demo_scene import (_scene, _shade, default_demo_dir,
                                                  ensure_demo_scene, generate_demo_scene)
-from kilonerf_lbfgs.nerf.data.rays import camera_rays, look_at, orbit_poses
+from kilonerf_lbfgs.nerf.data.rays import camera_rays, look_at, orbit_poses, path_poses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEGO = os.path.join(os.path.dirname(REPO), "shared", "data", "nerf_synthetic", "lego")
@@ -487,3 +487,18 @@ def test_instant_ngp_lens_distortion_reaches_the_split_and_its_rays(tmp_path):
     torch.testing.assert_close(RayBank(s).dirs, d.reshape(-1, 3))     # training rays bend
     _, d0 = camera_rays(s.poses, s.intrinsics, s.H, s.W)
     assert (d - d0).abs().max() > 1e-4
+
+
+def test_path_poses_glide_through_the_cameras_in_a_chain():
+    # four cameras on a line, listed out of order: the path visits them end to end
+    eyes = [(0.0, -4.0, 0.0), (2.0, -4.0, 0.0), (1.0, -4.0, 0.0), (3.0, -4.0, 1.0)]
+    poses = torch.stack([look_at(e, (e[0], 0.0, 0.0)) for e in eyes])
+    path = path_poses(poses, 7)                    # knots at frames 0, 2, 4, 6
+    assert path.shape == (7, 4, 4)
+    for frame, cam in [(0, 0), (2, 2), (4, 1), (6, 3)]:
+        assert torch.allclose(path[frame], poses[cam], atol=1e-5)
+    assert torch.allclose(path[1, :3, 3], torch.tensor([0.5, -4.0, 0.0]), atol=1e-5)
+    R = path[:, :3, :3]
+    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand(7, 3, 3), atol=1e-5)
+    with pytest.raises(ValueError, match="n_frames"):
+        path_poses(poses, 0)

@@ -7,11 +7,16 @@ import sys
 import time
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 import trimesh
 
-from kilonerf_lbfgs.nerf.data.demo_scene import generate_demo_scene
+from kilonerf_lbfgs.nerf.data.demo_scene import demo_surface_points, generate_demo_scene
+from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+from kilonerf_lbfgs.nerf.data.rays import RayBank
+from kilonerf_lbfgs.nerf.train.box import find_tight_box, occupied_bounds
+from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions
 from kilonerf_lbfgs.nerf.train.distill import DistillProblem, DistillSamples
 from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
 from kilonerf_lbfgs.optim import BatchedLBFGS
@@ -308,3 +313,30 @@ def test_generic_blender_config_takes_the_scenes_box(tiny_scene, script, tmp_pat
                "--no_progress", "--out_dir", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["options"]["aabb"] == BOX
+
+
+def test_occupied_bounds_ignore_floaters_and_add_the_margin():
+    g = np.zeros((16, 16, 16), bool)
+    g[4:9, 5:12, 2:6] = True                        # the object: 140 voxels
+    g[14, 1, 15] = True                             # a floater: one voxel
+    box = occupied_bounds(g, [0, 0, 0, 16, 32, 16], margin_voxels=1)
+    assert box == [3.0, 8.0, 1.0, 10.0, 26.0, 7.0]
+    assert occupied_bounds(g, [0, 0, 0, 16, 16, 16], margin_voxels=0,
+                           min_component=0.0) == [4.0, 1.0, 2.0, 15.0, 12.0, 16.0]
+    with pytest.raises(ValueError, match="no occupied voxel"):
+        occupied_bounds(np.zeros((4, 4, 4), bool), [0, 0, 0, 1, 1, 1])
+
+
+def test_coarse_pass_finds_a_box_that_holds_the_object_tightly(tiny_scene):
+    data = load_dataset(tiny_scene)
+    train = data["train"]
+    opts = NerfOptions(aabb=[-1.0, -1.0, -1.0, 1.0, 1.0, 1.0], batch_rays=1024,
+                       near=train.near, far=train.far, progress=False)
+    box = np.array(find_tight_box(RayBank(train), opts, 1e9, "cpu", max_steps=150,
+                                  progress=False))
+    pts = demo_surface_points(20000)
+    lo, hi = pts.min(0), pts.max(0)
+    voxel = 2.0 / 64
+    assert (box[:3] <= lo + 2 * voxel).all() and (box[3:] >= hi - 2 * voxel).all(), (box, lo, hi)
+    true_volume = np.prod(hi - lo)
+    assert np.prod(box[3:] - box[:3]) < 2.0 * true_volume < 8.0, (box, lo, hi)

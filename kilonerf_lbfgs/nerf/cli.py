@@ -43,6 +43,9 @@ class SceneOptions:
     aabb: Optional[List[float]] = option(
         None, "scene box xmin ymin zmin xmax ymax zmax (default: the scene's, else "
               "[-1.5, 1.5]^3)", nargs=6)
+    auto_box: float = option(0.0, "seconds of a coarse pass that finds a tight box around the "
+                                  "object inside the scene's box (0: off; masked scenes)",
+                             min=0)
     near: Optional[float] = option(None, "default: the scene's (Blender: 2)", min=0)
     far: Optional[float] = option(None, "default: the scene's (Blender: 6)", positive=True)
     white_bkgd: int = option(1, "1: composite on white, 0: on black", choices=(0, 1))

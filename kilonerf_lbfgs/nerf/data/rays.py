@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -148,6 +149,36 @@ def orbit_poses(n_frames: int, radius: float = 4.0, elevation_deg: float = 30.0,
     poses = [look_at(sphere_position(radius, 2.0 * math.pi * k / n_frames, el, center), center)
              for k in range(n_frames)]
     return torch.stack(poses)
+
+
+def path_poses(poses: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """``[n_frames, 4, 4]`` float32 cameras gliding through the cameras ``poses [N, 4, 4]``
+    (e.g. a capture's training views): visited nearest-neighbour first from the first one,
+    positions interpolated linearly and orientations by spherical interpolation between
+    consecutive ones. The video for forward-facing captures, where an orbit would look at
+    what no photo saw."""
+    from scipy.spatial.transform import Rotation, Slerp
+
+    if n_frames < 1:
+        raise ValueError(f"path_poses: n_frames must be positive, got {n_frames}")
+    P = poses.detach().cpu().double().numpy()
+    if len(P) == 1:
+        return torch.as_tensor(P, dtype=torch.float32).expand(n_frames, 4, 4).clone()
+    centres = P[:, :3, 3]
+    order, left = [0], set(range(1, len(P)))
+    while left:                                     # a greedy chain: no jumps across the set
+        last = centres[order[-1]]
+        nxt = min(left, key=lambda j: float(((centres[j] - last) ** 2).sum()))
+        order.append(nxt)
+        left.remove(nxt)
+    P = P[order]
+    knots = np.arange(len(P), dtype=np.float64)
+    s = np.linspace(0.0, len(P) - 1.0, n_frames)
+    rot = Slerp(knots, Rotation.from_matrix(P[:, :3, :3]))(s).as_matrix()
+    pos = np.stack([np.interp(s, knots, P[:, i, 3]) for i in range(3)], -1)
+    out = np.tile(np.eye(4), (n_frames, 1, 1))
+    out[:, :3, :3], out[:, :3, 3] = rot, pos
+    return torch.as_tensor(out, dtype=torch.float32)
 
 
 class RayBank:

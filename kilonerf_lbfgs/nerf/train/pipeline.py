@@ -223,7 +223,8 @@ class NerfPipeline:
         self.rs = opts.settings(device)
         self.background: Optional[BackgroundMap] = None      # the learned one, if any
         if opts.background_model == "learned":
-            self.background = BackgroundMap(opts.background_res, opts.background, device=device)
+            # starts grey: a sigmoid saturated at black or white would barely learn
+            self.background = BackgroundMap(opts.background_res, device=device)
             self.rs = replace(self.rs, background=self.background)
         self.gen = torch.Generator().manual_seed(opts.seed)
         torch.manual_seed(opts.seed)
