@@ -118,13 +118,38 @@ class _Cv2VideoWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
         if self._w is not None:
             self._w.release()
+            self._w = None
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _EvenFrames:
+    """Pads each frame to even height and width (repeating the last row or column): H.264
+    in yuv420p refuses odd sizes."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def append_data(self, frame: np.ndarray) -> None:
+        frame = np.asarray(frame)
+        pad = ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2)) + ((0, 0),) * (frame.ndim - 2)
+        self.writer.append_data(np.pad(frame, pad, mode="edge") if any(sum(p) for p in pad)
+                                else frame)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.writer.close()
 
 
 def video_writer(path: str, fps: float, **ffmpeg_kw):
-    """An MP4 writer (``with video_writer(p, 30) as w: w.append_data(uint8 [H, W, 3])``).
+    """An MP4 writer (``with video_writer(p, 30) as w: w.append_data(uint8 [H, W, 3])``);
+    frames of odd size are padded by one edge row or column.
 
     imageio's ffmpeg plugin (H.264) when imageio-ffmpeg is installed, else OpenCV's MP4 writer
     (mp4v; opencv-python-headless ships its own FFmpeg), so a machine without imageio-ffmpeg
@@ -134,9 +159,10 @@ def video_writer(path: str, fps: float, **ffmpeg_kw):
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
-        return _Cv2VideoWriter(path, fps)
+        return _EvenFrames(_Cv2VideoWriter(path, fps))
     import imageio.v2 as iio2
-    return iio2.get_writer(path, format="ffmpeg", fps=fps, macro_block_size=1, **ffmpeg_kw)
+    return _EvenFrames(iio2.get_writer(path, format="ffmpeg", fps=fps, macro_block_size=1,
+                                       **ffmpeg_kw))
 
 
 def plot_convergence(path: str, curves: Dict[str, Sequence[Sequence[float]]],

@@ -15,7 +15,7 @@ import trimesh
 from kilonerf_lbfgs.nerf.data.demo_scene import demo_surface_points, generate_demo_scene
 from kilonerf_lbfgs.nerf.data.loaders import load_dataset
 from kilonerf_lbfgs.nerf.data.rays import RayBank
-from kilonerf_lbfgs.nerf.train.box import find_tight_box, occupied_bounds
+from kilonerf_lbfgs.nerf.train.box import find_tight_box, surface_bounds
 from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions
 from kilonerf_lbfgs.nerf.train.distill import DistillProblem, DistillSamples
 from kilonerf_lbfgs.nerf.fields.kilonerf import KiloNeRFField
@@ -315,16 +315,16 @@ def test_generic_blender_config_takes_the_scenes_box(tiny_scene, script, tmp_pat
     assert json.loads((out / "metrics.json").read_text())["options"]["aabb"] == BOX
 
 
-def test_occupied_bounds_ignore_floaters_and_add_the_margin():
-    g = np.zeros((16, 16, 16), bool)
-    g[4:9, 5:12, 2:6] = True                        # the object: 140 voxels
-    g[14, 1, 15] = True                             # a floater: one voxel
-    box = occupied_bounds(g, [0, 0, 0, 16, 32, 16], margin_voxels=1)
-    assert box == [3.0, 8.0, 1.0, 10.0, 26.0, 7.0]
-    assert occupied_bounds(g, [0, 0, 0, 16, 16, 16], margin_voxels=0,
-                           min_component=0.0) == [4.0, 1.0, 2.0, 15.0, 12.0, 16.0]
-    with pytest.raises(ValueError, match="no occupied voxel"):
-        occupied_bounds(np.zeros((4, 4, 4), bool), [0, 0, 0, 1, 1, 1])
+def test_surface_bounds_are_robust_percentiles_with_a_margin_inside_the_box():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform([0.0, 1.0, 2.0], [1.0, 2.0, 4.0], (20000, 3))
+    pts[:50] = [9.0, -9.0, 9.0]                       # stray points: below the percentiles
+    box = surface_bounds(pts, [-10, -10, -10, 10, 10, 10], (1, 99), margin=0.1)
+    assert np.allclose(box, [-0.1, 0.9, 1.8, 1.1, 2.1, 4.2], atol=0.03), box
+    clipped = surface_bounds(pts, [0.5, 0, 0, 10, 1.5, 10], (1, 99), margin=0.1)
+    assert clipped[0] == 0.5 and clipped[4] == 1.5             # clipped to the start box
+    with pytest.raises(ValueError, match="too few"):
+        surface_bounds(pts[:3], [0, 0, 0, 1, 1, 1])
 
 
 def test_coarse_pass_finds_a_box_that_holds_the_object_tightly(tiny_scene):

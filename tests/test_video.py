@@ -3,6 +3,7 @@ import json
 import os
 
 import imageio.v2 as iio2
+import pytest
 import numpy as np
 import torch
 
@@ -67,3 +68,27 @@ def test_fit_video_script_outputs(script, tmp_path):
     assert m["modality"] == "video" and m["psnr"] > 15 and 0 < m["ssim"] <= 1
     frames = [f for f in iio2.get_reader(str(out / "reconstruction.mp4"), "ffmpeg")]
     assert len(frames) == 6 and frames[0].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("backend", ["imageio-ffmpeg", "opencv"])
+def test_video_writer_pads_odd_frames_on_either_backend(tmp_path, monkeypatch, backend):
+    import builtins
+    import imageio.v3 as iio
+    from kilonerf_lbfgs.io import video_writer
+    if backend == "opencv":                   # as on a machine without imageio-ffmpeg
+        real_import = builtins.__import__
+
+        def no_ffmpeg(name, *a, **kw):
+            if name == "imageio_ffmpeg":
+                raise ImportError("no imageio_ffmpeg")
+            return real_import(name, *a, **kw)
+        monkeypatch.setattr(builtins, "__import__", no_ffmpeg)
+    frames = np.zeros((4, 33, 41, 3), np.uint8)
+    frames[:, 10:20, 5:30] = [200, 40, 20]
+    with video_writer(str(tmp_path / "v.mp4"), 10) as w:
+        for f in frames:
+            w.append_data(f)
+    monkeypatch.undo()
+    v = iio.imread(tmp_path / "v.mp4")
+    assert v.shape == (4, 34, 42, 3)
+    assert abs(int(v[0, 15, 15, 0]) - 200) < 30 and int(v[0, 2, 2].max()) < 30   # the picture

@@ -128,6 +128,39 @@ def test_viewer_renders_what_the_test_view_renderer_renders():
         viewer.close()
 
 
+def test_training_reports_to_the_viewer_and_takes_its_lock(tmp_path):
+    pytest.importorskip("viser")
+    from kilonerf_lbfgs.nerf.data.loaders import load_dataset
+    from kilonerf_lbfgs.nerf.data.rays import RayBank
+    from kilonerf_lbfgs.nerf.train.pipeline import NerfOptions, NerfPipeline
+    from kilonerf_lbfgs.nerf.viewer import NerfViewer
+    scene = generate_demo_scene(str(tmp_path / "scene"), size=16, n_train=4, n_test=1)
+    train = load_dataset(scene)["train"]
+    opts = NerfOptions(route="direct", optimizer="adam", grid_res=2, occ_res=16,
+                       batch_rays=256, max_seconds=1e9, max_steps=6, progress=False,
+                       near=train.near, far=train.far)
+    pipe = NerfPipeline(opts, RayBank(train), "cpu", str(tmp_path / "ckpt.pt"))
+    viewer = NerfViewer(opts.aabb, pipe.rs, grid_res=2, port=free_port())
+    acquired, inner = [], viewer.lock
+
+    class CountingLock:
+        def __enter__(self):
+            acquired.append(1)
+            return inner.__enter__()
+
+        def __exit__(self, *exc):
+            return inner.__exit__(*exc)
+
+    try:
+        pipe.viewer = viewer
+        viewer.lock = CountingLock()            # count who takes it
+        pipe.run()
+        assert "step 6" in viewer.status and "PSNR" in viewer.status, viewer.status
+        assert len(acquired) == 1 + 6           # set_field once, then each of the 6 steps
+    finally:
+        viewer.close()
+
+
 def _chrome_driver():
     """A headless Chromium through selenium, or a skip reason."""
     try:

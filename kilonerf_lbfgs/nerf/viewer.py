@@ -152,6 +152,11 @@ class NerfViewer:
         self._thread.start()
 
     @property
+    def status(self) -> str:
+        """The panel's progress text (markdown)."""
+        return self._status.content
+
+    @property
     def url(self) -> str:
         return f"http://{self.server.get_host()}:{self.server.get_port()}"
 

@@ -177,9 +177,6 @@ def save_mp4(path: str, video: np.ndarray, fps: float = 25.0) -> None:
     frames = to_uint8(video)
     if frames.shape[3] == 1:
         frames = np.repeat(frames, 3, axis=3)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     with video_writer(path, fps, codec="libx264", quality=8, ffmpeg_log_level="error") as w:
         for f in frames:
             w.append_data(f)
