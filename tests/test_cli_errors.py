@@ -1,5 +1,9 @@
 """Bad input: one clear line naming the option or file, and a non-zero exit."""
+import os
+
 import pytest
+
+from conftest import REPO
 
 
 def _one_line_error(r, *needles):
@@ -126,3 +130,22 @@ def test_export_mesh_bad_checkpoints(script, tmp_path):
                     "not a NeRF checkpoint")
     _one_line_error(script("export_mesh.py", "--ckpt", out / "checkpoint.pt",
                            "--resolution", 1), "--resolution")
+
+
+def _nerf_configs():
+    """The configs of train_nerf.py that read a scene folder (not the generated demo)."""
+    folder = os.path.join(REPO, "configs")
+    texts = {n: open(os.path.join(folder, n)).read() for n in os.listdir(folder)}
+    return sorted(n for n, t in texts.items() if "route =" in t and "demo_scene" not in t)
+
+
+NERF_CONFIGS = _nerf_configs()
+
+
+def test_every_nerf_config_parses(script, tmp_path):
+    # each NeRF config's keys are the script's options: with a missing scene folder the
+    # run stops at the folder, not at a key
+    assert {"lego.txt", "fox.txt", "chair.txt", "ship.txt", "blender.txt"} <= set(NERF_CONFIGS)
+    for name in NERF_CONFIGS:
+        _one_line_error(script("train_nerf.py", "--config", name, "--datadir",
+                               tmp_path / "no_scene"), "--datadir", "no_scene")
