@@ -161,6 +161,16 @@ def test_training_reports_to_the_viewer_and_takes_its_lock(tmp_path):
         viewer.close()
 
 
+def test_train_nerf_serves_the_viewer_while_it_trains(script, tmp_path):
+    pytest.importorskip("viser")
+    scene = generate_demo_scene(str(tmp_path / "scene"), size=16, n_train=4, n_test=1)
+    r = script("train_nerf.py", "--datadir", scene, "--route", "direct", "--grid_res", "2",
+               "--occ_res", "16", "--batch_rays", "256", "--max_steps", "5", "--no_progress",
+               "--viewer", "--viewer_port", str(free_port()), "--out_dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "viewer at http://127.0.0.1:" in r.stdout and "viewer closed" in r.stdout, r.stdout
+
+
 def _chrome_driver():
     """A headless Chromium through selenium, or a skip reason."""
     try:
