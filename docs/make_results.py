@@ -36,7 +36,7 @@ ORDER = (
     "audio_race", "video_race", "shape_race", "shape_generalisation", "quick_races",
     "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "engine_demo",
     "scaling", "large_image", "long_audio", "gpu_h200", "fox", "own_scene_colmap", "nerf_auto_box",
-    "mesh_demo",
+    "mesh_demo", "viewer_overhead",
 )
 
 
