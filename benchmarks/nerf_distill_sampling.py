@@ -160,15 +160,11 @@ def prepare(spec: Dict, datadir: str, cache_dir: str, log: Callable[[str], None]
     held_rays = collect_distill_samples(pipe.teacher, pipe.marcher, bank, full, rs,
                                         spec["distill_rays"], spec["ray_per_cell"],
                                         torch.Generator().manual_seed(2)).select(nets)
-    sub = full.subset(nets)
-    held_uni = uniform_distill_samples(pipe.teacher, sub, 1024, rs.step_size,
+    pipe.teacher.to(device)                       # the study's device (no-ops on the CPU)
+    full.to(device)
+    rays, held_rays, nets = rays.to(device), held_rays.to(device), nets.to(device)
+    held_uni = uniform_distill_samples(pipe.teacher, full.subset(nets), 1024, rs.step_size,
                                        torch.Generator().manual_seed(3))
-    if torch.device(device) != torch.device("cpu"):
-        pipe.teacher.to(device)
-        full.to(device)
-        rays, held_rays, nets = rays.to(device), held_rays.to(device), nets.to(device)
-        held_uni = uniform_distill_samples(pipe.teacher, full.subset(nets), 1024, rs.step_size,
-                                           torch.Generator().manual_seed(3))
     log(f"{full.n_nets} cells with networks, {len(nets)} in the study, "
         f"{full.params_per_cell} parameters per cell, "
         f"{float(rays.counts.float().mean()):.0f} ray samples per cell on average")

@@ -23,11 +23,12 @@ import math
 import threading
 import time
 from dataclasses import replace
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..io import to_uint8
 from .evaluate import render_view
 from .render.rendering import RenderSettings
 
@@ -221,7 +222,7 @@ class NerfViewer:
                 return None
             img = render_view(self._model, self._marcher, pose, K, rows, cols, self.rs,
                               self.chunk)
-        return (img.cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+        return to_uint8(img.cpu().numpy())
 
     def _loop(self) -> None:
         while not self._stop.is_set():

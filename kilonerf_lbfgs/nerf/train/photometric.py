@@ -146,7 +146,6 @@ def train_photometric(model: nn.Module, marcher, bank: RayBank, rs: RenderSettin
         raise ValueError(f"batch_rays {cfg.batch_rays} must be a multiple of the "
                          f"{shards.world} processes")
     progress = progress and (shards is None or shards.is_main)
-    device = bank.rgbs.device
     # the starting rates survive a resume (an optimizer state_dict keeps its param_groups)
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
     bar = None
