@@ -292,14 +292,15 @@ def results_record(rep: Dict, command: str, date: str, machine: str, threads: st
                                "Adam misses" if ad is None else "at the start")])
     spec = rep["spec"]
     return {
-        "title": "NeRF distillation: sample regime and optimiser (held-out quality)",
+        "title": "NeRF distillation: sample regime and optimiser (held-out quality)"
+                 + ("" if spec["grid_res"] == 16 else f", {spec['grid_res']}^3 cells"),
         "command": command, "date": date, "machine": machine, "threads": threads,
         "conditions": (
             f"lego 100x100; a dense teacher after {spec['teacher_steps']} Adam steps; "
             f"{rep['n_cells_studied']} of its {rep['n_cells_scene']} occupied cells (cells "
             f"are independent problems, so every cost scales with their number); the "
             f"configs/lego.txt cell network ({rep['params_per_cell']} parameters, omega_0 "
-            f"{spec['omega_0']}); {rep['budget_seconds']:.0f} s of optimiser time per "
+            f"{spec['omega_0']}) on a {spec['grid_res']}^3 grid; {rep['budget_seconds']:.0f} s of optimiser time per "
             f"contender, drawing fresh samples and the teacher's targets included; L-BFGS "
             f"history 20. Quality: held-out distillation PSNR on fresh teacher ray samples "
             f"(the samples a renderer meets; targets) and on fresh uniform samples, measured "

@@ -38,11 +38,17 @@ def main():
     p.add_argument("--budget", type=float, default=None, help="seconds per contender")
     p.add_argument("--probe_every", type=float, default=None,
                    help="seconds of training between held-out probes (default: the preset's)")
+    p.add_argument("--grid_res", type=int, default=None,
+                   help="cells per axis (default: the preset's 16, lego.txt's grid); fewer, "
+                        "larger cells give each cell's network more of the scene to learn")
+    p.add_argument("--n_cells", type=int, default=None,
+                   help="occupied cells in the study (default: the preset's; at most all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the study runs (the teacher and the sample sets are made on "
                         "the CPU, then moved)")
     p.add_argument("--out", default=None)
     add_record_args(p)
+    p.option_checks = [("grid_res", False, 2, 64), ("n_cells", False, 1, None)]
     args = parse_args(p)
     if args.record:
         write_record(args, merge_reports, results_record,
@@ -53,6 +59,9 @@ def main():
     if args.probe_every is not None:
         require_positive(args, "probe_every")
         spec["probe_every"] = args.probe_every
+    for name in ("grid_res", "n_cells"):
+        if getattr(args, name) is not None:
+            spec[name] = getattr(args, name)
     with for_option("--datadir", args.datadir):
         rep = run_study(args.datadir, spec, args.contenders, args.budget, device=args.device)
     rep.update(preset=args.preset, quick=args.quick, datadir=args.datadir, device=args.device,

@@ -13,7 +13,11 @@ Measures, each as the median of ``--repeats`` timed runs after a warm-up:
 - ``BatchedLBFGS``'s cost per evaluation split into the closure and the optimiser's own
   passes over its history, on the image fidelity preset's problem (history 100) and on the
   NeRF distillation's shape (2947 cells x 3475 parameters, random samples, history 20), at
-  several history sizes.
+  several history sizes;
+- the two passes over the history each evaluation makes (project the new gradient, combine
+  the direction) on the image fidelity shape at the largest image history, in the history's
+  fp32 storage and in bf16 / fp16 (candidates for reduced-precision storage), beside one
+  plain read of the buffer (the memory-bandwidth floor of a pass).
 
 FLOPs count the linear layers only: 2 x fan_in x fan_out per point and layer forward, twice
 that backward (gradients of inputs and of weights), so 6 x per point for forward+backward.
@@ -175,6 +179,30 @@ def lbfgs_overhead(name, model, problem, history, evals, device, sync) -> dict:
             "overhead_vs_closure": (per_eval - closure_s) / closure_s}
 
 
+def history_passes(device, repeats, sync, n_cells, history, n_params) -> list:
+    """Milliseconds of one plain read of a ``[n, m, 2, p]`` history and of BatchedLBFGS's
+    two passes over it (:func:`project_history`, :func:`combine_history`), per storage dtype."""
+    import torch
+
+    from kilonerf_lbfgs.optim.compact import combine_history, project_history
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n_cells, history, 2, n_params, generator=g).to(device)
+    v = torch.randn(n_cells, n_params, generator=g).to(device)
+    coef = torch.randn(n_cells, 2 * history, generator=g, dtype=torch.float64).to(device)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        sy, vv = base.to(dtype), v.to(dtype)
+        ms = {name: 1e3 * timed(fn, repeats, sync) for name, fn in (
+            ("read", lambda: sy.sum()),
+            ("project", lambda: project_history(sy, vv, history)),
+            ("combine", lambda: combine_history(sy, coef, history)))}
+        rows.append({"dtype": str(dtype).replace("torch.", ""), "cells": n_cells,
+                     "history": history, "params": n_params,
+                     "megabytes": sy.numel() * sy.element_size() / 1e6, **ms})
+        del sy
+    return rows
+
+
 def image_fidelity_problem(device):
     import torch
 
@@ -234,6 +262,14 @@ def run_all(args) -> dict:
         lbfgs.append(lbfgs_overhead("image fidelity (camera 256, 8x8 cells)", model, problem,
                                     history, args.evals, device, sync))
         print(json.dumps(lbfgs[-1]), flush=True)
+    passes = []
+    if args.image_histories:
+        model, _ = image_fidelity_problem(device)
+        n_params = sum(q[0].numel() for q in model.parameters())
+        passes = history_passes(device, args.repeats, sync, model.n_cells,
+                                max(args.image_histories), n_params)
+        for row in passes:
+            print(json.dumps(row), flush=True)
     if not args.skip_distill:
         for history in args.distill_histories:
             field, problem = distill_shape_problem(device)
@@ -243,7 +279,7 @@ def run_all(args) -> dict:
             print(json.dumps(lbfgs[-1]), flush=True)
             del field, problem
     return {"device": str(device), "threads": args.threads, "torch": torch.__version__,
-            "throughput": rows, "lbfgs": lbfgs}
+            "throughput": rows, "lbfgs": lbfgs, "passes": passes}
 
 
 def to_record(report, command, date, machine, threads, notes):
@@ -280,6 +316,24 @@ def to_record(report, command, date, machine, threads, notes):
     lb_columns = ["problem", "history"] + (["s/eval before", "overhead/closure before"]
                                            if pair else []) + \
         ["s/eval", "closure s", "overhead s", "overhead / closure"]
+    tables = [{"caption": "BatchedLBFGS: seconds per evaluation, closure against the "
+                          "optimiser's own work", "columns": lb_columns, "rows": lb}]
+    if after.get("passes"):
+        ps = after["passes"]
+        closure = next((r["closure_s"] for r in after["lbfgs"]
+                        if r["history"] == ps[0]["history"] and "image" in r["what"]), None)
+        tables.append({
+            "caption": f"The two passes over the history per evaluation, image fidelity shape "
+                       f"({ps[0]['cells']} cells x {ps[0]['params']} parameters, history "
+                       f"{ps[0]['history']}), by storage dtype; a plain read of the buffer is "
+                       f"the memory-bandwidth floor of one pass",
+            "columns": ["storage", "MB", "read ms", "project ms", "combine ms",
+                        "both passes / closure"],
+            "rows": [[r["dtype"], round(r["megabytes"], 1), round(r["read"], 2),
+                      round(r["project"], 2), round(r["combine"], 2),
+                      None if closure is None else
+                      round((r["project"] + r["combine"]) / 1e3 / closure, 2)]
+                     for r in ps]})
     return {
         "title": "Engine throughput: the tiny networks' forward+backward and BatchedLBFGS's "
                  "cost per evaluation",
@@ -295,9 +349,7 @@ def to_record(report, command, date, machine, threads, notes):
                                       if pair else ""),
         "notes": notes,
         "provenance": PROVENANCE,
-        "columns": columns, "rows": rows,
-        "tables": [{"caption": "BatchedLBFGS: seconds per evaluation, closure against the "
-                               "optimiser's own work", "columns": lb_columns, "rows": lb}]}
+        "columns": columns, "rows": rows, "tables": tables}
 
 
 def main():

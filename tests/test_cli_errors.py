@@ -108,6 +108,10 @@ def test_nerf_bad_values_name_the_flag(script, tmp_path):
                        (["--optimizer", "sgd"], "--optimizer"),
                        (["--route", "distill", "--optimizer", "lbfgs_targets"], "--optimizer"),
                        (["--gn_step", "1.5"], "--gn_step"),
+                       (["--lbfgs_max_step", "0.01"], "--lbfgs_max_step"),
+                       (["--optimizer", "lbfgs", "--lbfgs_line_search", "backtrack"],
+                        "--lbfgs_line_search"),
+                       (["--optimizer", "lbfgs", "--lbfgs_max_step", "-1"], "--lbfgs_max_step"),
                        (["--targets_per_cell", "0"], "--targets_per_cell")]:
         _one_line_error(script("train_nerf.py", "--config", "demo.txt", "--demo_size", 8,
                                "--datadir", tmp_path / "demo", *args, cwd=tmp_path), flag)

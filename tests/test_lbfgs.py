@@ -489,6 +489,7 @@ BAD_ARGUMENTS = [
     ("c2", 1.0), ("c2", 0.0), ("c2", 1e-5),           # c2 <= c1 (1e-4)
     ("tolerance_grad", -1e-9), ("tolerance_change", -1.0), ("curvature_eps", -1.0),
     ("tolerance_grad", float("nan")),
+    ("max_step", 0.0), ("max_step", -1.0), ("max_step", float("inf")),
 ]
 
 
@@ -836,3 +837,53 @@ def test_new_objective_before_the_first_step_is_a_no_op_and_kind_must_match():
         return loss.detach()
     with pytest.raises(ValueError, match="separable"):
         opt.step(coupled)
+
+
+# ------------------------------------------------------------------ per-cell trust region
+
+def test_max_step_bounds_every_cells_step_and_is_per_cell():
+    """With ``line_search=None`` every step is ``lr`` times the direction, and ``max_step``
+    caps each cell's direction in max-norm: no parameter moves more than ``lr * max_step``
+    per step. A cell whose direction is already short is untouched; the batched run equals
+    one run per cell (the cap is per cell)."""
+    A = _quadratic_cells(n=3, p=6, seed=4)
+    scale = torch.tensor([1e-4, 1.0, 30.0], dtype=F64)[:, None]   # far and near minima
+    b = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=F64) * scale
+    kw = dict(lr=0.5, history_size=5, max_eval=1, line_search=None, max_step=0.05)
+
+    def run(cells, n_steps=12):
+        x = torch.zeros(len(cells), 6, dtype=F64, requires_grad=True)
+        opt = BatchedLBFGS([x], **kw)
+        xs = [x.detach().clone()]
+        for _ in range(n_steps):
+            opt.step(_batch_closure(opt, x, A[cells], b[cells]))
+            xs.append(x.detach().clone())
+        return torch.stack(xs)
+    batched = run([0, 1, 2])
+    moves = (batched[1:] - batched[:-1]).abs().amax(-1)            # [steps, n]
+    assert float(moves.max()) <= 0.5 * 0.05 * (1 + 1e-12)
+    # (the first call only evaluates; the first move is steepest descent, at most lr in l1)
+    assert float(moves[2:, 2].min()) > 0.5 * 0.05 * 0.99          # the far cell: capped
+    assert float(moves[:, 0].max()) < 0.5 * 0.05 * 0.5             # the near one: not
+    for k in range(3):
+        torch.testing.assert_close(batched[:, k], run([k])[:, 0], rtol=0, atol=1e-12)
+
+
+def test_max_step_large_changes_nothing_and_old_groups_load():
+    """A trust region wider than every step gives the same iterates as none; a state saved
+    by a group without ``max_step`` (before it existed) still loads and runs."""
+    A = _quadratic_cells(seed=6)
+    b = torch.randn(3, 6, generator=torch.Generator().manual_seed(7), dtype=F64)
+    out = []
+    for ms in (None, 1e6):
+        x = torch.zeros(3, 6, dtype=F64, requires_grad=True)
+        opt = BatchedLBFGS([x], history_size=5, max_eval=8, max_step=ms)
+        opt.step(_batch_closure(opt, x, A, b))
+        out.append((x.detach().clone(), opt.state_dict()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
+    sd = copy.deepcopy(out[0][1])
+    del sd["param_groups"][0]["max_step"]
+    x = torch.zeros(3, 6, dtype=F64, requires_grad=True)
+    opt = BatchedLBFGS([x], history_size=5, max_eval=8)
+    opt.load_state_dict(sd)
+    opt.step(_batch_closure(opt, x, A, b))

@@ -142,6 +142,37 @@ def test_coupled_lbfgs_route_learns_with_one_objective_per_batch(tmp_path):
     assert after >= before + 2.0, (before, after)
 
 
+def test_coupled_lbfgs_step_schedule_keeps_every_cell_in_its_trust_region(tmp_path):
+    """Direct route, coupled BatchedLBFGS without a line search (a step schedule) and a
+    per-cell trust region: every step moves no parameter of any cell by more than the
+    scheduled step times ``lbfgs_max_step``, the schedule decays, and the fit improves."""
+    from kilonerf_lbfgs.nerf.train.photometric import (LoopState, PhotometricConfig,
+                                                       make_photometric_optimizer,
+                                                       train_photometric)
+    data, train, rs, field, marcher, before, evaluate, RayBank = _tiny_direct_scene(tmp_path)
+    cfg = PhotometricConfig(optimizer="lbfgs", batch_rays=1024, seconds=1e9, max_steps=20,
+                            lbfgs_evals=2, history_size=10, lbfgs_line_search="none",
+                            lbfgs_lr=1.0, lbfgs_max_step=0.02)
+    opt = make_photometric_optimizer(field, cfg)
+    moves, lrs = [], []
+    real_step = opt.step
+
+    def spy(closure):
+        x0 = opt._gather_flat_params()
+        out = real_step(closure)
+        lrs.append(opt.param_groups[0]["lr"])
+        moves.append(float((opt._gather_flat_params() - x0).abs().max()) / lrs[-1])
+        return out
+    opt.step = spy
+    train_photometric(field, marcher, RayBank(train), rs, cfg, LoopState(), opt,
+                      torch.Generator().manual_seed(1), progress=False)
+    after = evaluate(field, marcher, data["test"], rs, progress=False)["test_psnr"]
+    assert max(moves) <= 0.02 * (1 + 1e-5), max(moves)
+    assert max(moves[2:]) >= 0.02 * 0.99                 # the region is what binds
+    assert lrs[-1] < lrs[0]
+    assert after >= before + 2.0, (before, after)
+
+
 def test_output_targets_route_fits_every_cell_on_its_samples_and_learns(tmp_path):
     """Direct route, lbfgs_targets: every batch becomes per-sample targets, every cell fits
     its own with BatchedLBFGS (a per-cell, separable closure), and the fit improves."""

@@ -20,7 +20,7 @@ from .fields.background import BackgroundMap
 from .fields.kilonerf import KiloNeRFField
 from .render.marcher import Marcher
 from .render.rendering import RenderSettings
-from .train.pipeline import NerfOptions
+from .train.pipeline import NerfOptions, coupled_lbfgs_options_set
 
 DEFAULTS = NerfOptions()
 
@@ -106,6 +106,11 @@ def options_from_args(args, train: NerfSplit) -> NerfOptions:
     if args.optimizer == "lbfgs_targets" and args.route != "direct":
         raise UserError(f"--optimizer lbfgs_targets trains from the photos: it needs --route "
                         f"direct (not {args.route})")
+    coupled = [f"--{k}" for k in coupled_lbfgs_options_set(args)]
+    if coupled and not (args.route == "direct" and args.optimizer == "lbfgs"):
+        raise UserError(f"{', '.join(coupled)} set(s) the coupled L-BFGS of the direct route: "
+                        f"add --route direct --optimizer lbfgs, or drop it (got --route "
+                        f"{args.route} --optimizer {args.optimizer})")
     near = train.near if args.near is None else args.near
     far = train.far if args.far is None else args.far
     if not near < far:

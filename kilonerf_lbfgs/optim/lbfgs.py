@@ -66,6 +66,7 @@ class Hyperparameters(NamedTuple):
     c1: float
     c2: float
     curvature_eps: float
+    max_step: Optional[float] = None
 
 
 def _number(name: str, value: Any) -> float:
@@ -93,9 +94,9 @@ def check_hyperparameters(group: Mapping[str, Any]) -> Hyperparameters:
     Rules: ``lr > 0``; ``history_size``, ``max_eval``, ``max_ls`` integers ``>= 1``;
     ``0 < c1 < c2 < 1``; ``tolerance_grad``, ``tolerance_change``, ``curvature_eps`` ``>= 0``;
     every number finite; ``line_search`` one of ``"strong_wolfe"``, ``"armijo"``, ``"none"``
-    or ``None``.
+    or ``None``; ``max_step`` ``None`` (absent in groups saved before it existed) or ``> 0``.
     """
-    missing = [f for f in Hyperparameters._fields if f not in group]
+    missing = [f for f in Hyperparameters._fields if f not in group and f != "max_step"]
     if missing:
         raise ValueError(f"BatchedLBFGS: parameter group lacks {', '.join(missing)}")
     mode = "none" if group["line_search"] is None else group["line_search"]
@@ -119,7 +120,14 @@ def check_hyperparameters(group: Mapping[str, Any]) -> Hyperparameters:
     if not c1 < c2:
         raise ValueError(f"BatchedLBFGS: c1 must be smaller than c2, got c1={group['c1']!r}, "
                          f"c2={group['c2']!r}")
-    return Hyperparameters(lr=lr, line_search=mode, c1=c1, c2=c2, **ints, **floats)
+    max_step = group.get("max_step")
+    if max_step is not None:
+        max_step = _number("max_step", max_step)
+        if max_step <= 0:
+            raise ValueError(f"BatchedLBFGS: max_step must be > 0 or None, got "
+                             f"{group['max_step']!r}")
+    return Hyperparameters(lr=lr, line_search=mode, c1=c1, c2=c2, max_step=max_step, **ints,
+                           **floats)
 
 
 # ---------------------------------------------------------------------------- the state
@@ -255,7 +263,7 @@ def init_state(loss: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, separabl
     st.status = torch.where(stationary, torch.full_like(status, CONVERGED), status)
     new_direction(st, grad, torch.zeros(n, 2 * m, **f64),
                   reset=torch.zeros(n, dtype=torch.bool, device=dev), where=None, lr=hp.lr,
-                  work=work)
+                  work=work, max_step=hp.max_step)
     return st
 
 
@@ -263,7 +271,8 @@ def init_state(loss: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, separabl
 
 def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
                       reset: torch.Tensor, where: Optional[torch.Tensor],
-                      work: Optional[Dict[str, torch.Tensor]] = None):
+                      work: Optional[Dict[str, torch.Tensor]] = None,
+                      max_step: Optional[float] = None):
     """The quasi-Newton direction ``d = -H grad`` of every cell, in compact form.
 
     Args:
@@ -271,6 +280,10 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
         proj: ``[n, 2m]`` float64, ``[S^T grad, Y^T grad]``.
         reset: ``[n]`` bool, cells whose history is dropped first (``gamma = 1``).
         where: ``[n]`` bool or None (all), the cells that take the new direction.
+        max_step: a per-cell trust region: each cell's direction is scaled down (never up)
+            so that no parameter of the cell moves more than ``max_step`` at ``t = 1``
+            (None: off). A positive scale per cell keeps every cell's direction a descent
+            direction, and keeps a coupled problem's line a line.
     Updates ``st.valid`` and ``st.gamma`` (reset cells, and cells whose direction is not a
     descent direction: they fall back to ``-grad`` and lose their history).
     Returns:
@@ -292,6 +305,11 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
     st.valid = valid & ~bad[:, None]
     dgamma = torch.where(bad, torch.ones_like(st.gamma), st.gamma)
     dcoef = torch.where(bad[:, None], torch.zeros_like(coef), coef)
+    if max_step is not None:
+        dmax = d.abs().amax(1).double()
+        scale = (max_step / dmax.clamp(min=1e-300)).clamp(max=1.0)
+        d = d * scale.to(d.dtype)[:, None]
+        dgamma, dcoef = dgamma * scale, dcoef * scale[:, None]
     return d, dgamma, dcoef, cell_dot(grad, d)
 
 
@@ -320,11 +338,14 @@ def start_line_search(st: LBFGSState, grad: torch.Tensor, gtd_cell: torch.Tensor
 
 def new_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor, reset: torch.Tensor,
                   where: Optional[torch.Tensor], lr: float,
-                  work: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                  work: Optional[Dict[str, torch.Tensor]] = None,
+                  max_step: Optional[float] = None) -> None:
     """Set ``d``, ``gtd0``, ``proj0``, ``dgamma``, ``dcoef`` and a fresh line search (first
     trial ``lr * t_unit``) for the cells in ``where`` (all cells if None), from their
-    gradient ``grad [n, p]`` and ``proj [n, 2m] = [S;Y]^T grad``."""
-    d, dgamma, dcoef, gtd_cell = compact_direction(st, grad, proj, reset, where, work)
+    gradient ``grad [n, p]`` and ``proj [n, 2m] = [S;Y]^T grad`` (``max_step``: see
+    :func:`compact_direction`)."""
+    d, dgamma, dcoef, gtd_cell = compact_direction(st, grad, proj, reset, where, work,
+                                                   max_step)
     fresh, gtd0, t_unit = start_line_search(st, grad, gtd_cell)
     fresh = fresh._replace(t=lr * t_unit)
     if where is None:
@@ -520,7 +541,7 @@ def iterate(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor, hp: Hyperpar
         torch.where(accept.any(), out.f_new, st.f0)
     renew = (accept | retry) & (st.status == ACTIVE)
     new_direction(st, st.g0, torch.where(accept[:, None], proj_new, st.proj0), reset=retry,
-                  where=renew, lr=hp.lr, work=work)
+                  where=renew, lr=hp.lr, work=work, max_step=hp.max_step)
 
 
 def restart_on_new_objective(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor,
@@ -544,7 +565,8 @@ def restart_on_new_objective(st: LBFGSState, loss: torch.Tensor, grad: torch.Ten
     st.n_evals += 1
     reset = torch.full((n,), not keep_history, dtype=torch.bool, device=grad.device)
     proj = project_history(st.sy, grad, st.slots_used)
-    new_direction(st, grad, proj, reset=reset, where=None, lr=hp.lr, work=work)
+    new_direction(st, grad, proj, reset=reset, where=None, lr=hp.lr, work=work,
+                  max_step=hp.max_step)
 
 
 # ---------------------------------------------------------------------------- the optimiser
@@ -573,6 +595,10 @@ class BatchedLBFGS(Optimizer):
         max_ls: trials per line search before it gives up (>= 1).
         c1, c2: the sufficient-decrease and curvature constants, ``0 < c1 < c2 < 1``.
         curvature_eps: a pair is kept only if ``s.y > curvature_eps * y.y`` (>= 0).
+        max_step: a per-cell trust region (None: off; else > 0): every new direction is
+            scaled down per cell so that no parameter of a cell moves more than
+            ``max_step`` at ``t = 1``; with ``line_search=None`` the step is then at most
+            ``lr * max_step`` per parameter.
 
     Every bad argument raises ``ValueError`` naming it. As in ``torch.optim``, the
     hyperparameters live in ``param_groups[0]`` and are read (and validated) at every
@@ -591,11 +617,12 @@ class BatchedLBFGS(Optimizer):
     def __init__(self, params, lr: float = 1.0, history_size: int = 100, max_eval: int = 20,
                  line_search: Optional[str] = "strong_wolfe", tolerance_grad: float = 1e-12,
                  tolerance_change: float = 1e-12, max_ls: int = 25, c1: float = 1e-4,
-                 c2: float = 0.9, curvature_eps: float = 1e-10):
+                 c2: float = 0.9, curvature_eps: float = 1e-10,
+                 max_step: Optional[float] = None):
         hp = check_hyperparameters(dict(
             lr=lr, history_size=history_size, max_eval=max_eval, line_search=line_search,
             tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, max_ls=max_ls,
-            c1=c1, c2=c2, curvature_eps=curvature_eps))
+            c1=c1, c2=c2, curvature_eps=curvature_eps, max_step=max_step))
         if torch.is_tensor(params):
             raise TypeError("BatchedLBFGS: params must be an iterable of tensors, got a tensor")
         params = list(params)

@@ -35,6 +35,9 @@ class PhotometricConfig:
     occ_warmup: float = 0.15            # ... after this fraction of the stage (a fresh grid)
     warmup_coarse: float = 4.0          # marching step factor until the grid's first update
     lbfgs_evals: int = 4                # L-BFGS: closure evaluations per ray batch
+    lbfgs_line_search: str = "strong_wolfe"  # lbfgs: along each batch's direction, or none:
+    lbfgs_lr: float = 1.0               # ... a step of lbfgs_lr (decayed like Adam's rate)
+    lbfgs_max_step: Optional[float] = None  # lbfgs: per-cell trust region (BatchedLBFGS)
     gn_damping: float = 0.1             # lbfgs_targets: Levenberg-Marquardt damping ...
     gn_step: float = 1.0                # ... and step fraction of the output-space targets
     targets_per_cell: int = 1024        # lbfgs_targets: at most this many samples per cell
@@ -61,11 +64,19 @@ def make_photometric_optimizer(model: nn.Module, cfg: PhotometricConfig):
         return BatchedLBFGS(list(model.parameters()), lr=1.0, history_size=cfg.history_size,
                             max_eval=cfg.lbfgs_evals, line_search="strong_wolfe")
     if cfg.optimizer == "lbfgs":
-        return BatchedLBFGS(list(model.parameters()), lr=1.0, history_size=cfg.history_size,
-                            max_eval=cfg.lbfgs_evals, line_search="strong_wolfe")
+        return BatchedLBFGS(list(model.parameters()), lr=cfg.lbfgs_lr,
+                            history_size=cfg.history_size, max_eval=cfg.lbfgs_evals,
+                            line_search=cfg.lbfgs_line_search, max_step=cfg.lbfgs_max_step)
     if hasattr(model, "optimizer"):
         return model.optimizer()
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def _progress(cfg: PhotometricConfig, state: LoopState) -> float:
+    """The stage's progress in [0, 1] for learning-rate schedules; with a step budget it
+    follows steps, so it does not depend on the clock."""
+    return min(1.0, state.steps / cfg.max_steps if cfg.max_steps > 0
+               else state.seconds / max(cfg.seconds, 1e-9))
 
 
 def _one_step(model, marcher, bank: RayBank, rs: RenderSettings, cfg: PhotometricConfig,
@@ -87,13 +98,14 @@ def _one_step(model, marcher, bank: RayBank, rs: RenderSettings, cfg: Photometri
     rs_now = rs if int(marcher.grid.n_updates) > 0 else replace(
         rs, step_size=rs.step_size * cfg.warmup_coarse)
     if cfg.optimizer == "lbfgs":
+        if cfg.lbfgs_line_search == "none":     # a step schedule: decays like Adam's rate
+            opt.param_groups[0]["lr"] = cfg.lbfgs_lr * cfg.lr_end_factor ** _progress(cfg,
+                                                                                       state)
         loss = _lbfgs_step(model, marcher, o, d, c, rs_now, opt, state)
     elif cfg.optimizer == "lbfgs_targets":
         loss = _targets_step(model, marcher, o, d, c, rs_now, opt, state, cfg, generator)
     else:
-        # with a step budget the decay follows steps, so it does not depend on the clock
-        frac = min(1.0, state.steps / cfg.max_steps if cfg.max_steps > 0
-                   else state.seconds / max(cfg.seconds, 1e-9))
+        frac = _progress(cfg, state)
         for g, lr0 in zip(opt.param_groups, base_lrs):
             g["lr"] = lr0 * cfg.lr_end_factor ** frac
         opt.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field as dc_field, replace
+from dataclasses import dataclass, field as dc_field, fields, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -147,6 +147,17 @@ class NerfOptions:
         "help": "L-BFGS: function evaluations per step (direct route: per ray batch; "
                 "distillation: between quality checks, or per draw with fresh sampling)",
         "positive": True})
+    lbfgs_line_search: str = dc_field(default="strong_wolfe", metadata={
+        "help": "direct route, optimizer lbfgs (coupled): the line search along each ray "
+                "batch's direction, or none: a step of lbfgs_lr every evaluation, decayed "
+                "like Adam's rate (a step schedule)",
+        "choices": ("strong_wolfe", "armijo", "none")})
+    lbfgs_lr: float = dc_field(default=1.0, metadata={
+        "help": "direct route, optimizer lbfgs: the first trial step (line search) or the "
+                "step (none)", "positive": True})
+    lbfgs_max_step: float = dc_field(default=0.0, metadata={
+        "help": "direct route, optimizer lbfgs: a per-cell trust region; no parameter of a "
+                "cell moves more than this at a unit step (0: off)", "min": 0})
     gn_damping: float = dc_field(default=0.1, metadata={
         "help": "lbfgs_targets: Levenberg-Marquardt damping of each ray's output-space step "
                 "(relative)", "positive": True})
@@ -182,6 +193,16 @@ class NerfOptions:
         return {"teacher": t, "distill": d, "finetune": max(self.max_seconds - t - d, 0.0)}
 
 
+def coupled_lbfgs_options_set(opts) -> List[str]:
+    """The options of the direct route's coupled BatchedLBFGS (``lbfgs_line_search``,
+    ``lbfgs_lr``, ``lbfgs_max_step``) that ``opts`` (:class:`NerfOptions` or parsed flags)
+    sets away from their defaults; they mean something only with route direct and optimizer
+    lbfgs."""
+    defaults = {f.name: f.default for f in fields(NerfOptions)}
+    return [k for k in ("lbfgs_line_search", "lbfgs_lr", "lbfgs_max_step")
+            if getattr(opts, k, defaults[k]) != defaults[k]]
+
+
 def new_teacher(opts: NerfOptions, device) -> nn.Module:
     """An untrained teacher of kind ``opts.teacher``."""
     if opts.teacher == "dense":
@@ -215,6 +236,11 @@ class NerfPipeline:
             raise ValueError("optimizer lbfgs_targets trains from the photos: it needs "
                              "route = direct (the distill route fits a teacher with lbfgs "
                              "or adam)")
+        coupled_opts = coupled_lbfgs_options_set(opts)
+        if coupled_opts and not (opts.route == "direct" and opts.optimizer == "lbfgs"):
+            raise ValueError(f"{', '.join(coupled_opts)} set the coupled BatchedLBFGS of the "
+                             f"direct route; they need route = direct and optimizer = lbfgs "
+                             f"(got route {opts.route}, optimizer {opts.optimizer})")
         if opts.distill_sampling not in DISTILL_SAMPLING:
             raise ValueError(f"distill_sampling {opts.distill_sampling!r}: choose one of "
                              f"{', '.join(DISTILL_SAMPLING)}")
@@ -399,6 +425,8 @@ class NerfPipeline:
                                 lbfgs_evals=o.evals_per_step, max_steps=o.max_steps,
                                 gn_damping=o.gn_damping, gn_step=o.gn_step,
                                 targets_per_cell=o.targets_per_cell,
+                                lbfgs_line_search=o.lbfgs_line_search, lbfgs_lr=o.lbfgs_lr,
+                                lbfgs_max_step=o.lbfgs_max_step or None,
                                 desc=f"{stage} {optimizer}")
         opt = make_photometric_optimizer(self.field, cfg)
         if optimizer == "adam":
