@@ -32,10 +32,11 @@ ORDER = (
     "nerf_distill_calibration", "nerf_distill_race", "nerf_distill_calibration_quick",
     "nerf_distill_race_quick", "nerf_distill_race_cuda", "nerf_distill_sampling", "nerf_distill_sampling_grid8",
     "nerf_distill_sampling_cuda", "hash_teacher",
-    "image_fidelity", "image_fidelity_quick", "image_fidelity_quick_chunked", "image_compression", "image_compression_quick",
+    "image_fidelity", "image_fidelity_quick", "image_fidelity_quick_chunked", "image_compression", "image_compression_quick", "image_compression_quick_chunked",
     "image_compression_kodak", "image_activations", "image_width",
     "audio_race", "video_race", "shape_race", "shape_generalisation", "quick_races",
-    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "engine_demo",
+    "quick_races_chunked",
+    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "engine_demo", "engine_lego",
     "scaling", "large_image", "long_audio", "gpu_h200", "fox", "own_scene_colmap", "nerf_auto_box",
     "mesh_demo", "viewer_overhead",
 )
