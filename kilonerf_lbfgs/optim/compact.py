@@ -36,13 +36,13 @@ def _gather_square(mat: torch.Tensor, order: torch.Tensor, tmp: torch.Tensor,
 
 
 def _workspace(work, like: torch.Tensor):
-    """Three ``[n, m, m]`` scratch matrices, reused between calls (large temporaries cost
+    """Two ``[n, m, m]`` scratch matrices, reused between calls (large temporaries cost
     page faults on every allocation on CPU)."""
     if work is None:
         work = {}
     if "tmp" not in work or work["tmp"].shape != like.shape or work["tmp"].dtype != like.dtype \
             or work["tmp"].device != like.device:
-        work.update({k: torch.empty_like(like) for k in ("tmp", "r", "yty")})
+        work.update({k: torch.empty_like(like) for k in ("tmp", "r")})
     return work
 
 
@@ -74,11 +74,14 @@ def compact_coefficients(proj: torch.Tensor, sty: torch.Tensor, yty: torch.Tenso
     diag = torch.diagonal(r, dim1=1, dim2=2)
     d = diag.clone()                                               # D (zero on invalid)
     diag.add_(1.0 - v)
-    yty_o = _gather_square(yty, order, work["tmp"], work["yty"])
-    yty_o.mul_(v[:, :, None]).mul_(v[:, None, :])
     g = gamma[:, None]
     c = torch.linalg.solve_triangular(r, a[:, :, None], upper=True)[..., 0]
-    rhs = d * c + g * torch.bmm(yty_o, c[:, :, None])[..., 0] - g * b
+    # (Y^T Y) c in chronological order without permuting Y^T Y: c is zero on invalid slots
+    # (a is, and R has unit rows there), so scatter it to slot order, multiply by the
+    # slot-order Gram matrix, gather the result back and mask the invalid rows
+    c_slot = torch.zeros_like(c).scatter_(1, order, c)
+    yc = torch.bmm(yty, c_slot[:, :, None])[..., 0].gather(1, order) * v
+    rhs = d * c + g * yc - g * b
     # top = R^-T rhs, as the row-vector solve  top^T R = rhs^T
     top = torch.linalg.solve_triangular(r, rhs[:, None, :], upper=True, left=False)[:, 0]
     coef_o = torch.cat([top * v, -g * c * v], dim=1)               # [n, 2m] chronological
