@@ -32,7 +32,7 @@ ORDER = (
     "nerf_distill_calibration", "nerf_distill_race", "nerf_distill_calibration_quick",
     "nerf_distill_race_quick", "nerf_distill_race_cuda", "nerf_distill_sampling", "nerf_distill_sampling_grid8", "nerf_distill_sampling_grid8_180",
     "nerf_distill_sampling_cuda", "hash_teacher",
-    "image_fidelity", "image_fidelity_quick", "image_fidelity_quick_chunked", "image_compression", "image_compression_quick", "image_compression_quick_chunked",
+    "image_fidelity", "image_fidelity_chunked", "image_fidelity_quick", "image_fidelity_quick_chunked", "image_compression", "image_compression_quick", "image_compression_quick_chunked",
     "image_compression_kodak", "image_activations", "image_width",
     "audio_race", "video_race", "shape_race", "shape_generalisation", "quick_races",
     "quick_races_chunked",
