@@ -263,8 +263,7 @@ def run_all(args) -> dict:
                                     history, args.evals, device, sync))
         print(json.dumps(lbfgs[-1]), flush=True)
     passes = []
-    if args.image_histories:
-        model, _ = image_fidelity_problem(device)
+    if args.image_histories:                 # the shape of the last image row's model
         n_params = sum(q[0].numel() for q in model.parameters())
         passes = history_passes(device, args.repeats, sync, model.n_cells,
                                 max(args.image_histories), n_params)

@@ -341,3 +341,15 @@ def test_coarse_pass_finds_a_box_that_holds_the_object_tightly(tiny_scene):
     assert (box[:3] <= lo + 2 * voxel).all() and (box[3:] >= hi - 2 * voxel).all(), (box, lo, hi)
     true_volume = np.prod(hi - lo)
     assert np.prod(box[3:] - box[:3]) < 2.0 * true_volume < 8.0, (box, lo, hi)
+
+
+@pytest.mark.parametrize("kw,flag", [(dict(optimizer="lbfgs_targets"), "--route direct"),
+                                     (dict(route="direct", optimizer="adam",
+                                           lbfgs_line_search="none"), "--lbfgs_line_search")])
+def test_pipeline_refuses_a_route_optimizer_combination_that_does_not_exist(kw, flag, tmp_path):
+    """The library says what the CLI says (one check, kilonerf_lbfgs.nerf.train.pipeline)."""
+    from kilonerf_lbfgs.nerf.train.pipeline import NerfPipeline
+    train = load_dataset(generate_demo_scene(str(tmp_path / "s"), size=8, n_train=2,
+                                             n_test=1))["train"]
+    with pytest.raises(ValueError, match=flag):
+        NerfPipeline(NerfOptions(**kw), RayBank(train), "cpu", str(tmp_path / "x.pt"))

@@ -20,7 +20,7 @@ from .fields.background import BackgroundMap
 from .fields.kilonerf import KiloNeRFField
 from .render.marcher import Marcher
 from .render.rendering import RenderSettings
-from .train.pipeline import NerfOptions, coupled_lbfgs_options_set
+from .train.pipeline import NerfOptions, route_conflict
 
 DEFAULTS = NerfOptions()
 
@@ -103,14 +103,9 @@ def options_from_args(args, train: NerfSplit) -> NerfOptions:
     if args.tv_weight > 0 and args.teacher != "dense":
         raise UserError(f"--tv_weight applies to the dense teacher only (--teacher "
                         f"{args.teacher}); drop it or use --teacher dense")
-    if args.optimizer == "lbfgs_targets" and args.route != "direct":
-        raise UserError(f"--optimizer lbfgs_targets trains from the photos: it needs --route "
-                        f"direct (not {args.route})")
-    coupled = [f"--{k}" for k in coupled_lbfgs_options_set(args)]
-    if coupled and not (args.route == "direct" and args.optimizer == "lbfgs"):
-        raise UserError(f"{', '.join(coupled)} set(s) the coupled L-BFGS of the direct route: "
-                        f"add --route direct --optimizer lbfgs, or drop it (got --route "
-                        f"{args.route} --optimizer {args.optimizer})")
+    conflict = route_conflict(args)
+    if conflict:
+        raise UserError(conflict)
     near = train.near if args.near is None else args.near
     far = train.far if args.far is None else args.far
     if not near < far:

@@ -193,14 +193,21 @@ class NerfOptions:
         return {"teacher": t, "distill": d, "finetune": max(self.max_seconds - t - d, 0.0)}
 
 
-def coupled_lbfgs_options_set(opts) -> List[str]:
-    """The options of the direct route's coupled BatchedLBFGS (``lbfgs_line_search``,
-    ``lbfgs_lr``, ``lbfgs_max_step``) that ``opts`` (:class:`NerfOptions` or parsed flags)
-    sets away from their defaults; they mean something only with route direct and optimizer
-    lbfgs."""
+def route_conflict(opts) -> Optional[str]:
+    """The first route/optimizer combination that does not exist in ``opts``
+    (:class:`NerfOptions` or the parsed flags), as one message naming the flags; None if
+    there is none. The CLI and :class:`NerfPipeline` both check with it."""
+    if opts.optimizer == "lbfgs_targets" and opts.route != "direct":
+        return (f"--optimizer lbfgs_targets trains from the photos: it needs --route direct "
+                f"(not {opts.route})")
     defaults = {f.name: f.default for f in fields(NerfOptions)}
-    return [k for k in ("lbfgs_line_search", "lbfgs_lr", "lbfgs_max_step")
-            if getattr(opts, k, defaults[k]) != defaults[k]]
+    coupled = [f"--{k}" for k in ("lbfgs_line_search", "lbfgs_lr", "lbfgs_max_step")
+               if getattr(opts, k, defaults[k]) != defaults[k]]
+    if coupled and not (opts.route == "direct" and opts.optimizer == "lbfgs"):
+        return (f"{', '.join(coupled)} set(s) the coupled L-BFGS of the direct route: add "
+                f"--route direct --optimizer lbfgs, or drop it (got --route {opts.route} "
+                f"--optimizer {opts.optimizer})")
+    return None
 
 
 def new_teacher(opts: NerfOptions, device) -> nn.Module:
@@ -232,15 +239,9 @@ class NerfPipeline:
             raise ValueError(f"background_model learned trains with Adam; the direct route "
                              f"with optimizer {opts.optimizer} cannot train it (use "
                              f"background_model constant, or optimizer adam)")
-        if opts.optimizer == "lbfgs_targets" and opts.route != "direct":
-            raise ValueError("optimizer lbfgs_targets trains from the photos: it needs "
-                             "route = direct (the distill route fits a teacher with lbfgs "
-                             "or adam)")
-        coupled_opts = coupled_lbfgs_options_set(opts)
-        if coupled_opts and not (opts.route == "direct" and opts.optimizer == "lbfgs"):
-            raise ValueError(f"{', '.join(coupled_opts)} set the coupled BatchedLBFGS of the "
-                             f"direct route; they need route = direct and optimizer = lbfgs "
-                             f"(got route {opts.route}, optimizer {opts.optimizer})")
+        conflict = route_conflict(opts)
+        if conflict:
+            raise ValueError(conflict)
         if opts.distill_sampling not in DISTILL_SAMPLING:
             raise ValueError(f"distill_sampling {opts.distill_sampling!r}: choose one of "
                              f"{', '.join(DISTILL_SAMPLING)}")
