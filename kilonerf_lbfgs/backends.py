@@ -5,10 +5,16 @@
   with the CUDA toolkit but no GPU its first CUDA call raises ``OSError: CUDA_HOME...``, so it is
   never touched on the CPU path.
 - tinycudann is optional (not on PyPI); a failed import of any kind means "not available".
+- torch.compile (inductor: C++ on the CPU, Triton on CUDA) builds the fused kernels of
+  :class:`CompiledKernel`; where it is unavailable or fails, or with ``KILONERF_COMPILE=0``
+  in the environment, the same function runs eagerly (slower, same result within rounding).
 """
 from __future__ import annotations
 
 import functools
+import os
+import warnings
+from typing import Callable
 
 import torch
 
@@ -89,3 +95,38 @@ def nerf_backend(name: str = "auto", device=None) -> str:
                             f"use backend torch or auto")
         return "nerfacc"
     raise ValueError(f"backend {name}: choose auto, torch or nerfacc")
+
+
+def compile_enabled() -> bool:
+    """Whether :class:`CompiledKernel` may call ``torch.compile``: not when the environment
+    sets ``KILONERF_COMPILE=0`` (e.g. to compare with the eager twins, or where no C++
+    compiler is installed)."""
+    return os.environ.get("KILONERF_COMPILE", "1") != "0"
+
+
+class CompiledKernel:
+    """``fn`` compiled with ``torch.compile`` (static shapes: one kernel per shape) on first
+    use, and ``fn`` itself, eagerly, where compilation is off or fails (one warning, then
+    eager for good). ``fn`` must be a pure tensor function; its eager run is the reference
+    twin the tests compare the compiled one with."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self._compiled = None
+        self._failed = False
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if self._failed or not compile_enabled():
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=False)
+        try:
+            return self._compiled(*args)
+        except Exception as err:  # noqa: BLE001 - no compiler, unsupported op, backend error
+            self._failed = True
+            warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''}); running "
+                          f"it eagerly (set KILONERF_COMPILE=0 to skip compiling)",
+                          RuntimeWarning)
+            return self.fn(*args)

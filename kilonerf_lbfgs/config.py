@@ -160,6 +160,11 @@ class RunOptions:
     lr_schedule: str = option("constant", "Adam: constant, or cosine decay to 0 over "
                                           "--max_seconds", choices=("constant", "cosine"))
     history_size: int = option(100, "L-BFGS pairs per cell", positive=True)
+    history_dtype: str = option("auto", "storage of the L-BFGS curvature pairs: bfloat16 "
+                                "halves the memory each step reads (fused kernels widen the "
+                                "pairs and accumulate in float32), float32 is the exact "
+                                "reference, auto is bfloat16 from 32 MB of fp32 history on",
+                                choices=("auto", "bfloat16", "float16", "float32"))
     line_search: str = option("strong_wolfe", "L-BFGS line search",
                               choices=("strong_wolfe", "armijo", "none"))
     device: str = option("auto", "auto: CUDA when visible, else the CPU",

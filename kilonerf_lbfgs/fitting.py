@@ -88,6 +88,8 @@ class FitConfig:
     lr: Optional[float] = None          # Adam: 1e-3; L-BFGS: 1 (first trial step)
     lr_schedule: str = "constant"       # Adam: constant | cosine (decay over max_seconds)
     history_size: int = 100
+    history_dtype: Optional[str] = "auto"   # L-BFGS: storage of the curvature pairs
+                                        # (auto: bfloat16 for large histories; BatchedLBFGS)
     line_search: Optional[str] = "strong_wolfe"
     evals_per_step: int = 5             # L-BFGS closure evaluations between quality checks
     # the loop
@@ -303,7 +305,7 @@ def make_optimizer(cfg: FitConfig, params) -> Optimizer:
     params = list(params)
     if cfg.optimizer == "lbfgs":
         return BatchedLBFGS(params, lr=cfg.lr or 1.0, history_size=cfg.history_size,
-                            max_eval=cfg.evals_per_step,
+                            max_eval=cfg.evals_per_step, history_dtype=cfg.history_dtype,
                             line_search=None if cfg.line_search == "none" else cfg.line_search)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr or 1e-3)

@@ -57,7 +57,8 @@ def make_model(args, n_cells: int, d_in: int, d_out: int, device, group: int = -
 
 def fit_config_from_args(args, target: Optional[float] = None, desc: str = "") -> FitConfig:
     return FitConfig(optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule,
-                     history_size=args.history_size, line_search=args.line_search,
+                     history_size=args.history_size, history_dtype=args.history_dtype,
+                     line_search=args.line_search,
                      max_seconds=args.max_seconds, max_evals=args.max_evals, target=target,
                      keep_best=not getattr(args, "no_keep_best", False),
                      ckpt_path=os.path.join(args.out_dir, "checkpoint.pt"),
@@ -112,6 +113,7 @@ def run_fit(args, modality: str, problem: CellProblem, model: MultiMLP,
         "params_total": model.n_cells * model.params_per_cell,
         "activation": model.activation, "width": model.width, "depth": model.depth,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "history_size": args.history_size,
+        "history_dtype": args.history_dtype,
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "processes": 1 if shards is None else shards.world,
     }

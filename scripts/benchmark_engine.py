@@ -143,11 +143,12 @@ def bench_field_ragged(device, repeats, sync) -> dict:
             "gflop_per_s": 3 * field_flops(field) * m / s / 1e9}
 
 
-def lbfgs_overhead(name, model, problem, history, evals, device, sync) -> dict:
+def lbfgs_overhead(name, model, problem, history, evals, device, sync,
+                   history_dtype="float32") -> dict:
     """Seconds per evaluation of BatchedLBFGS on ``problem``: the closure's and the rest."""
     from kilonerf_lbfgs.optim import BatchedLBFGS
     opt = BatchedLBFGS(model.parameters(), history_size=history, max_eval=5,
-                       line_search="strong_wolfe")
+                       line_search="strong_wolfe", history_dtype=history_dtype)
     inside = [0.0, 0]
 
     def closure():
@@ -174,16 +175,20 @@ def lbfgs_overhead(name, model, problem, history, evals, device, sync) -> dict:
     closure_s = inside[0] / inside[1]
     per_eval = total / inside[1]
     return {"what": f"BatchedLBFGS on {name}", "history": history,
-            "seconds_per_eval": per_eval, "closure_s": closure_s,
+            "history_dtype": history_dtype, "seconds_per_eval": per_eval, "closure_s": closure_s,
             "overhead_s": per_eval - closure_s,
             "overhead_vs_closure": (per_eval - closure_s) / closure_s}
 
 
 def history_passes(device, repeats, sync, n_cells, history, n_params) -> list:
-    """Milliseconds of one plain read of a ``[n, m, 2, p]`` history and of BatchedLBFGS's
-    two passes over it (:func:`project_history`, :func:`combine_history`), per storage dtype."""
+    """Milliseconds of one plain read of a ``[n, m, 2, p]`` history and of two passes over it
+    (the projection and the combination), per storage dtype: as batched matrix products in
+    the storage dtype (:func:`project_history`, :func:`combine_history`), and for bfloat16
+    also as BatchedLBFGS runs them, fused kernels that widen to fp32
+    (:func:`kilonerf_lbfgs.optim.history.project`, ``combine``)."""
     import torch
 
+    from kilonerf_lbfgs.optim import history as H
     from kilonerf_lbfgs.optim.compact import combine_history, project_history
     g = torch.Generator().manual_seed(0)
     base = torch.randn(n_cells, history, 2, n_params, generator=g).to(device)
@@ -199,6 +204,16 @@ def history_passes(device, repeats, sync, n_cells, history, n_params) -> list:
         rows.append({"dtype": str(dtype).replace("torch.", ""), "cells": n_cells,
                      "history": history, "params": n_params,
                      "megabytes": sy.numel() * sy.element_size() / 1e6, **ms})
+        if dtype == torch.bfloat16:
+            syb = H.to_blocked(sy)
+            ms = {name: 1e3 * timed(fn, repeats, sync) for name, fn in (
+                ("read", lambda: sy.sum()),
+                ("project", lambda: H.project(sy, v, history)),
+                ("combine", lambda: H.combine(sy, syb, coef, history, v.dtype)))}
+            rows.append({"dtype": "bfloat16, fused fp32 kernels (BatchedLBFGS)",
+                         "cells": n_cells, "history": history, "params": n_params,
+                         "megabytes": sy.numel() * sy.element_size() / 1e6, **ms})
+            del syb
         del sy
     return rows
 
@@ -258,10 +273,11 @@ def run_all(args) -> dict:
         row["fraction_of_gemm"] = row["gflop_per_s"] / gemm
     lbfgs = []
     for history in args.image_histories:
-        model, problem = image_fidelity_problem(device)
-        lbfgs.append(lbfgs_overhead("image fidelity (camera 256, 8x8 cells)", model, problem,
-                                    history, args.evals, device, sync))
-        print(json.dumps(lbfgs[-1]), flush=True)
+        for hd in args.history_dtypes:
+            model, problem = image_fidelity_problem(device)
+            lbfgs.append(lbfgs_overhead("image fidelity (camera 256, 8x8 cells)", model,
+                                        problem, history, args.evals, device, sync, hd))
+            print(json.dumps(lbfgs[-1]), flush=True)
     passes = []
     if args.image_histories:                 # the shape of the last image row's model
         n_params = sum(q[0].numel() for q in model.parameters())
@@ -271,12 +287,13 @@ def run_all(args) -> dict:
             print(json.dumps(row), flush=True)
     if not args.skip_distill:
         for history in args.distill_histories:
-            field, problem = distill_shape_problem(device)
-            lbfgs.append(lbfgs_overhead(f"NeRF distillation shape ({field.n_nets} cells x "
-                                        f"{field.params_per_cell} parameters)", field,
-                                        problem, history, args.evals, device, sync))
-            print(json.dumps(lbfgs[-1]), flush=True)
-            del field, problem
+            for hd in args.history_dtypes:
+                field, problem = distill_shape_problem(device)
+                lbfgs.append(lbfgs_overhead(f"NeRF distillation shape ({field.n_nets} cells "
+                                            f"x {field.params_per_cell} parameters)", field,
+                                            problem, history, args.evals, device, sync, hd))
+                print(json.dumps(lbfgs[-1]), flush=True)
+                del field, problem
     return {"device": str(device), "threads": args.threads, "torch": torch.__version__,
             "throughput": rows, "lbfgs": lbfgs, "passes": passes}
 
@@ -300,10 +317,15 @@ def to_record(report, command, date, machine, threads, notes):
         rows.append(row)
     lb = []
     for i, r in enumerate(after["lbfgs"]):
-        row = [r["what"], r["history"]]
+        dt = r.get("history_dtype", "float32")
+        row = [r["what"], r["history"], dt]
         if pair:
-            b = next((x for x in before["lbfgs"] if x["what"] == r["what"]
-                      and x["history"] == r["history"]), None)
+            same = [x for x in before["lbfgs"] if x["what"] == r["what"]
+                    and x["history"] == r["history"]]
+            # a dtype the earlier run did not have is compared with its float32 row
+            b = next((x for x in same if x.get("history_dtype", "float32") == dt),
+                     next((x for x in same if x.get("history_dtype", "float32") == "float32"),
+                          None))
             row += [None if b is None else round(b["seconds_per_eval"], 4),
                     None if b is None else round(b["overhead_vs_closure"], 2)]
         row += [round(r["seconds_per_eval"], 4), round(r["closure_s"], 4),
@@ -312,7 +334,7 @@ def to_record(report, command, date, machine, threads, notes):
     columns = ["what", "shape"] + (["M points/s before", "M points/s after", "GFLOP/s after",
                                     "fraction of GEMM after", "speed-up"] if pair else
                                    ["M points/s", "GFLOP/s", "fraction of GEMM"])
-    lb_columns = ["problem", "history"] + (["s/eval before", "overhead/closure before"]
+    lb_columns = ["problem", "history", "history dtype"] + (["s/eval before", "overhead/closure before"]
                                            if pair else []) + \
         ["s/eval", "closure s", "overhead s", "overhead / closure"]
     tables = [{"caption": "BatchedLBFGS: seconds per evaluation, closure against the "
@@ -320,7 +342,8 @@ def to_record(report, command, date, machine, threads, notes):
     if after.get("passes"):
         ps = after["passes"]
         closure = next((r["closure_s"] for r in after["lbfgs"]
-                        if r["history"] == ps[0]["history"] and "image" in r["what"]), None)
+                        if r["history"] == ps[0]["history"] and "image" in r["what"]
+                        and r.get("history_dtype", "float32") == "float32"), None)
         tables.append({
             "caption": f"The two passes over the history per evaluation, image fidelity shape "
                        f"({ps[0]['cells']} cells x {ps[0]['params']} parameters, history "
@@ -343,9 +366,13 @@ def to_record(report, command, date, machine, threads, notes):
                       "fan_out per point and layer for forward+backward), not the sines. "
                       "BatchedLBFGS: strong Wolfe line search, 5 evaluations per step, timed "
                       "after the history is full; overhead = seconds per evaluation minus the "
-                      "closure's." + (" before: the engine evaluating all cells in one batched "
-                                      "call; after: in cache-sized chunks of cells."
-                                      if pair else ""),
+                      "closure's; a bfloat16 history runs its two passes as compiled kernels "
+                      "(torch.compile)." + (" before: the engine before this work (all cells "
+                                            "in one batched call, fp32 history only; "
+                                            "bfloat16 rows are compared with its fp32 row); "
+                                            "after: cells in cache-sized chunks, fewer "
+                                            "optimiser passes, reduced-precision history."
+                                            if pair else ""),
         "notes": notes,
         "provenance": PROVENANCE,
         "columns": columns, "rows": rows, "tables": tables}
@@ -360,6 +387,9 @@ def main():
     p.add_argument("--evals", type=int, default=20, help="evaluations timed per L-BFGS row")
     p.add_argument("--image_histories", type=int, nargs="+", default=[20, 100])
     p.add_argument("--distill_histories", type=int, nargs="+", default=[5, 20])
+    p.add_argument("--history_dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=("float32", "bfloat16", "float16"),
+                   help="BatchedLBFGS history storage for the L-BFGS rows")
     p.add_argument("--skip_distill", action="store_true",
                    help="skip the distillation-shape rows (about 1.6 GB of history at 20)")
     p.add_argument("--out", default=os.path.join("bench", "engine.json"))

@@ -25,7 +25,7 @@ from kilonerf_lbfgs.io import save_json
 
 def main():
     p = build_parser(__doc__, skip=("max_seconds", "max_evals", "optimizer", "lr",
-                                    "lr_schedule", "history_size", "line_search",
+                                    "lr_schedule", "history_size", "history_dtype", "line_search",
                                     "target_psnr", "ckpt_every", "resume", "no_keep_best",
                                     "out_dir", "device", "seed", "no_progress"))
     p.add_argument("--images", required=True, help="the folder of photos")

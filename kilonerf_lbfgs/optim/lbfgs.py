@@ -42,8 +42,8 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from .compact import (cell_dot, chronological_order, combine_history, compact_coefficients,
-                      project_history)
+from .compact import cell_dot, chronological_order, compact_coefficients
+from .history import combine, new_history, project, resolve_dtype, to_blocked, write_pair
 from .linesearch import LINE_SEARCHES, LineSearchState, line_search_update, new_line_state
 
 ACTIVE, CONVERGED, FAILED = 0, 1, 2
@@ -67,6 +67,10 @@ class Hyperparameters(NamedTuple):
     c2: float
     curvature_eps: float
     max_step: Optional[float] = None
+    history_dtype: Optional[str] = None
+
+# what history_dtype may say (None: the parameters' dtype; "auto": see history.resolve_dtype)
+HISTORY_DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
 
 
 def _number(name: str, value: Any) -> float:
@@ -94,9 +98,12 @@ def check_hyperparameters(group: Mapping[str, Any]) -> Hyperparameters:
     Rules: ``lr > 0``; ``history_size``, ``max_eval``, ``max_ls`` integers ``>= 1``;
     ``0 < c1 < c2 < 1``; ``tolerance_grad``, ``tolerance_change``, ``curvature_eps`` ``>= 0``;
     every number finite; ``line_search`` one of ``"strong_wolfe"``, ``"armijo"``, ``"none"``
-    or ``None``; ``max_step`` ``None`` (absent in groups saved before it existed) or ``> 0``.
+    or ``None``; ``max_step`` ``None`` (absent in groups saved before it existed) or ``> 0``;
+    ``history_dtype`` ``None`` (absent in older groups) or a name (or ``torch.dtype``) in
+    :data:`HISTORY_DTYPES`.
     """
-    missing = [f for f in Hyperparameters._fields if f not in group and f != "max_step"]
+    missing = [f for f in Hyperparameters._fields if f not in group
+               and f not in ("max_step", "history_dtype")]
     if missing:
         raise ValueError(f"BatchedLBFGS: parameter group lacks {', '.join(missing)}")
     mode = "none" if group["line_search"] is None else group["line_search"]
@@ -126,8 +133,17 @@ def check_hyperparameters(group: Mapping[str, Any]) -> Hyperparameters:
         if max_step <= 0:
             raise ValueError(f"BatchedLBFGS: max_step must be > 0 or None, got "
                              f"{group['max_step']!r}")
-    return Hyperparameters(lr=lr, line_search=mode, c1=c1, c2=c2, max_step=max_step, **ints,
-                           **floats)
+    history_dtype = group.get("history_dtype")
+    if isinstance(history_dtype, torch.dtype):
+        history_dtype = str(history_dtype).replace("torch.", "")
+    if history_dtype is not None and history_dtype not in HISTORY_DTYPES:
+        raise ValueError(f"BatchedLBFGS: history_dtype must be None or one of "
+                         f"{', '.join(HISTORY_DTYPES)}, got {group['history_dtype']!r}")
+    return Hyperparameters(lr=lr, line_search=mode, c1=c1, c2=c2, max_step=max_step,
+                           history_dtype=history_dtype, **ints, **floats)
+
+
+
 
 
 # ---------------------------------------------------------------------------- the state
@@ -137,7 +153,10 @@ class LBFGSState:
     """Everything one :class:`BatchedLBFGS` carries between closure evaluations.
 
     Curvature history (a ring buffer per cell, slot ``ptr`` written next):
-        sy: ``[n, m, 2, p]`` param dtype, ``sy[:, i, 0] = s_i``, ``sy[:, i, 1] = y_i``.
+        sy: ``[n, m, 2, p]`` history dtype (by default the parameters'),
+            ``sy[:, i, 0] = s_i``, ``sy[:, i, 1] = y_i``.
+        syb: None, or with a history dtype narrower than the parameters' the same pairs in
+            the blocked layout ``[n, P, 2m, B]`` of :func:`~.history.to_blocked`.
         sty: ``[n, m, m]`` float64, ``sty[:, i, j] = s_i . y_j`` (slot order).
         yty: ``[n, m, m]`` float64, ``yty[:, i, j] = y_i . y_j``.
         valid: ``[n, m]`` bool, the slots the direction uses.
@@ -185,6 +204,7 @@ class LBFGSState:
     status: torch.Tensor
     n_evals: torch.Tensor
     n_iters: torch.Tensor
+    syb: Optional[torch.Tensor] = None
 
     @property
     def n_cells(self) -> int:
@@ -203,7 +223,7 @@ class LBFGSState:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LBFGSState":
         names = [f.name for f in fields(cls)]
-        missing = [k for k in names if k not in d]
+        missing = [k for k in names if k not in d and k != "syb"]
         ls = d.get("ls")
         if not missing and isinstance(ls, Mapping):
             missing = [f"ls.{k}" for k in LineSearchState._fields if k not in ls]
@@ -211,15 +231,27 @@ class LBFGSState:
             missing = ["ls"]
         if missing:
             raise ValueError(f"BatchedLBFGS: the optimizer state lacks {', '.join(missing)}")
-        kw = {k: d[k] for k in names}
+        kw = {k: d[k] for k in names if k in d}
         kw["ls"] = LineSearchState(**{k: ls[k] for k in LineSearchState._fields})
-        return cls(**kw)
+        st = cls(**kw)
+        if st.syb is None and st.sy.dtype != st.x0.dtype:
+            st.syb = to_blocked(st.sy)
+        return st
 
 
 def _all_set(mask: torch.Tensor) -> bool:
     """Whether every entry of ``mask`` is set, where that is known without a device sync:
     on the CPU; elsewhere False, so the caller takes its masked path (always correct)."""
     return mask.device.type == "cpu" and bool(mask.all())
+
+
+def _same_value(x: torch.Tensor) -> Optional[int]:
+    """The value every entry of the integer tensor ``x`` holds, where that is known without a
+    device sync (on the CPU) and they all hold one; else None."""
+    if x.device.type != "cpu":
+        return None
+    lo, hi = int(x.min()), int(x.max())
+    return lo if lo == hi else None
 
 
 def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -259,9 +291,9 @@ def init_state(loss: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, separabl
     f64 = dict(device=dev, dtype=torch.float64)
     n_lines = n if separable else 1
     status = torch.full((n,), ACTIVE, dtype=torch.long, device=dev)
+    sy, syb = new_history(n, m, p, resolve_dtype(hp.history_dtype, dt, n, m, p), dt, dev)
     st = LBFGSState(
-        separable=bool(separable), slots_used=0,
-        sy=torch.zeros(n, m, 2, p, device=dev, dtype=dt),
+        separable=bool(separable), slots_used=0, sy=sy, syb=syb,
         sty=torch.zeros(n, m, m, **f64), yty=torch.zeros(n, m, m, **f64),
         valid=torch.zeros(n, m, dtype=torch.bool, device=dev),
         ptr=torch.zeros(n, dtype=torch.long, device=dev),
@@ -315,7 +347,7 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
     order = chronological_order(st.ptr, st.history_size)
     coef = compact_coefficients(proj, st.sty, st.yty, st.gamma, valid, order, work)
     # d = -(gamma g + coef . [S;Y]); combine_history returns a new tensor
-    d = torch.addcmul(combine_history(st.sy, coef, st.slots_used),
+    d = torch.addcmul(combine(st.sy, st.syb, coef, st.slots_used, grad.dtype),
                       st.gamma.to(grad.dtype)[:, None], grad).neg_()
     gtd_cell = cell_dot(grad, d)
     # not a descent direction (rounding, bad pairs): drop the history, use -grad
@@ -468,13 +500,16 @@ def curvature_pair(st: LBFGSState, out: TrialOutcome, hp: Hyperparameters):
 
     Returns:
         s, y: ``[n, p]``, ``s = t_acc d``, ``y = g_new - g0``; sy, yy: ``[n]`` float64,
-        ``s.y`` and ``y.y``; keep: ``[n]`` bool, accepted with ``s.y > curvature_eps y.y``,
-        ``y != 0`` and both finite.
+        ``s.y`` and ``y.y`` (of the pair as the history stores it); keep: ``[n]`` bool,
+        accepted with ``s.y > curvature_eps y.y``, ``y != 0`` and both finite.
     """
     s = out.t_acc.to(out.g_new.dtype)[:, None] * st.d
     y = out.g_new - st.g0
-    sy = cell_dot(s, y)
-    yy = cell_dot(y, y)
+    if st.syb is None:
+        sy, yy = cell_dot(s, y), cell_dot(y, y)
+    else:  # the Gram entries of the rounded pair, consistent with its later projections
+        hs, hy = s.to(st.sy.dtype).to(s.dtype), y.to(st.sy.dtype).to(y.dtype)
+        sy, yy = cell_dot(hs, hy), cell_dot(hy, hy)
     keep = out.accept & (sy > hp.curvature_eps * yy) & (yy > 0) & \
         torch.isfinite(sy) & torch.isfinite(yy)
     return s, y, sy, yy, keep
@@ -494,18 +529,17 @@ def update_history(st: LBFGSState, s: torch.Tensor, y: torch.Tensor, g_new: torc
     is ``s.y`` (``y.y``). Slot ``ptr`` is then patched in the projection.
     """
     m = st.history_size
-    rows = torch.arange(st.n_cells, device=s.device)
-    proj_new = project_history(st.sy, g_new, st.slots_used)               # [S;Y]_old g
+    proj_new = project(st.sy, g_new, st.slots_used)                       # [S;Y]_old g
     sty_col = proj_new[:, :m] - st.proj0[:, :m]                           # S_old^T y
     yty_col = proj_new[:, m:] - st.proj0[:, m:]                           # Y_old^T y
     j = st.ptr
+    # the cells' slots: one shared int where that is known without a device sync (plain
+    # slicing, several times cheaper than advanced indexing), else per cell
+    shared = _same_value(j)
+    jj = j if shared is None else shared
+    ix = (slice(None),) if shared is not None else (torch.arange(st.n_cells, device=s.device),)
     kj = keep[:, None]
-    if _all_set(keep):
-        st.sy[rows, j, 0] = s
-        st.sy[rows, j, 1] = y
-    else:
-        st.sy[rows, j, 0] = torch.where(kj, s, st.sy[rows, j, 0])
-        st.sy[rows, j, 1] = torch.where(kj, y, st.sy[rows, j, 1])
+    hs, hy = write_pair(st.sy, st.syb, j, s, y, keep)
     # slots are written in order from 0, at most one per evaluation
     st.slots_used = min(m, st.slots_used + 1)
     dc = st.dcoef
@@ -518,18 +552,20 @@ def update_history(st: LBFGSState, s: torch.Tensor, y: torch.Tensor, g_new: torc
     sty_col = torch.where(onehot, sy[:, None], sty_col)
     yty_col = torch.where(onehot, yy[:, None], yty_col)
     sty, yty = st.sty, st.yty
-    sty[rows, :, j] = torch.where(kj, sty_col, sty[rows, :, j])
-    sty[rows, j, :] = torch.where(kj, sty_row, sty[rows, j, :])
-    yty[rows, :, j] = torch.where(kj, yty_col, yty[rows, :, j])
-    yty[rows, j, :] = torch.where(kj, yty_col, yty[rows, j, :])
-    st.valid[rows, j] = st.valid[rows, j] | keep
+    col, row = ix + (slice(None), jj), ix + (jj,)
+    sty[col] = torch.where(kj, sty_col, sty[col])
+    sty[row] = torch.where(kj, sty_row, sty[row])
+    yty[col] = torch.where(kj, yty_col, yty[col])
+    yty[row] = torch.where(kj, yty_col, yty[row])
+    st.valid[row] = st.valid[row] | keep
     st.ptr = torch.where(keep, (j + 1) % m, j)
     st.gamma = torch.where(keep, sy / yy.clamp(min=1e-300), st.gamma)
     # [S;Y]_new g: patch the rewritten slot
-    sg = cell_dot(s, g_new)
-    yg = cell_dot(y, g_new)
-    proj_new[rows, j] = torch.where(keep, sg, proj_new[rows, j])
-    proj_new[rows, m + j] = torch.where(keep, yg, proj_new[rows, m + j])
+    sg = cell_dot(hs.to(g_new.dtype), g_new)
+    yg = cell_dot(hy.to(g_new.dtype), g_new)
+    s_at, y_at = ix + (jj,), ix + (m + jj,)
+    proj_new[s_at] = torch.where(keep, sg, proj_new[s_at])
+    proj_new[y_at] = torch.where(keep, yg, proj_new[y_at])
     return proj_new
 
 
@@ -593,7 +629,7 @@ def restart_on_new_objective(st: LBFGSState, loss: torch.Tensor, grad: torch.Ten
                             torch.full_like(st.status, ACTIVE))
     st.n_evals += 1
     reset = torch.full((n,), not keep_history, dtype=torch.bool, device=grad.device)
-    proj = project_history(st.sy, grad, st.slots_used)
+    proj = project(st.sy, grad, st.slots_used)
     new_direction(st, grad, proj, reset=reset, where=None, lr=hp.lr, work=work,
                   max_step=hp.max_step)
 
@@ -628,6 +664,15 @@ class BatchedLBFGS(Optimizer):
             scaled down per cell so that no parameter of a cell moves more than
             ``max_step`` at ``t = 1``; with ``line_search=None`` the step is then at most
             ``lr * max_step`` per parameter.
+        history_dtype: the dtype the curvature pairs are stored in: None (default: the
+            parameters' dtype, the exact reference), a narrower ``"bfloat16"`` /
+            ``"float16"`` (or the ``torch.dtype``): half the memory traffic of an fp32
+            history, through fused kernels that widen the pairs and accumulate in the
+            parameters' dtype (:mod:`~kilonerf_lbfgs.optim.history`), or ``"auto"``:
+            bfloat16 where an fp32 history would outgrow the cache
+            (:func:`~kilonerf_lbfgs.optim.history.resolve_dtype`), else exact. Only the
+            stored pairs are rounded, so the iterates differ from fp32 at the level of that
+            rounding; fixed once the history is allocated, like ``history_size``.
 
     Every bad argument raises ``ValueError`` naming it. As in ``torch.optim``, the
     hyperparameters live in ``param_groups[0]`` and are read (and validated) at every
@@ -647,11 +692,12 @@ class BatchedLBFGS(Optimizer):
                  line_search: Optional[str] = "strong_wolfe", tolerance_grad: float = 1e-12,
                  tolerance_change: float = 1e-12, max_ls: int = 25, c1: float = 1e-4,
                  c2: float = 0.9, curvature_eps: float = 1e-10,
-                 max_step: Optional[float] = None):
+                 max_step: Optional[float] = None, history_dtype=None):
         hp = check_hyperparameters(dict(
             lr=lr, history_size=history_size, max_eval=max_eval, line_search=line_search,
             tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, max_ls=max_ls,
-            c1=c1, c2=c2, curvature_eps=curvature_eps, max_step=max_step))
+            c1=c1, c2=c2, curvature_eps=curvature_eps, max_step=max_step,
+            history_dtype=history_dtype))
         if torch.is_tensor(params):
             raise TypeError("BatchedLBFGS: params must be an iterable of tensors, got a tensor")
         params = list(params)
@@ -683,6 +729,10 @@ class BatchedLBFGS(Optimizer):
             raise ValueError("BatchedLBFGS: params have no cells (dim 0 is 0)")
         self._numels = [p[0].numel() for p in self._params]
         self.n_params = sum(self._numels)
+        stored = self._history_dtype(hp)
+        if stored.itemsize > self._params[0].dtype.itemsize:
+            raise ValueError(f"BatchedLBFGS: history_dtype {hp.history_dtype} is wider than "
+                             f"the parameters' {self._params[0].dtype}; use None")
         self._work: Dict[str, torch.Tensor] = {}   # scratch buffers, not part of the state
         self._new_objective: Optional[bool] = None  # set by new_objective(): keep_history
 
@@ -711,7 +761,15 @@ class BatchedLBFGS(Optimizer):
             raise ValueError(f"BatchedLBFGS: history_size cannot change after the first step "
                              f"(the history holds {st['sy'].shape[1]} slots, "
                              f"param_groups[0] asks for {hp.history_size})")
+        if "sy" in st and st["sy"].dtype != self._history_dtype(hp):
+            raise ValueError(f"BatchedLBFGS: history_dtype cannot change after the first step "
+                             f"(the history is stored in {st['sy'].dtype}, param_groups[0] "
+                             f"asks for {hp.history_dtype})")
         return hp
+
+    def _history_dtype(self, hp: Hyperparameters) -> torch.dtype:
+        return resolve_dtype(hp.history_dtype, self._params[0].dtype, self.n_cells,
+                             hp.history_size, self.n_params)
 
     def _evaluate(self, closure: Callable):
         with torch.enable_grad():
@@ -834,6 +892,9 @@ class BatchedLBFGS(Optimizer):
             if st.x0.dtype != dtype:
                 raise ValueError(f"BatchedLBFGS: the state_dict is in {st.x0.dtype}; the "
                                  f"parameters are {dtype}")
+            if st.sy.dtype != self._history_dtype(hp):
+                raise ValueError(f"BatchedLBFGS: the state_dict's history is stored in "
+                                 f"{st.sy.dtype}; its history_dtype says {hp.history_dtype}")
             new = st.to_dict()
         group = self.param_groups[0]
         group.update({k: v for k, v in saved.items() if k != "params"})

@@ -42,6 +42,7 @@ class PhotometricConfig:
     gn_step: float = 1.0                # ... and step fraction of the output-space targets
     targets_per_cell: int = 1024        # lbfgs_targets: at most this many samples per cell
     history_size: int = 20
+    history_dtype: Optional[str] = "auto"   # L-BFGS: storage of the curvature pairs
     tv_weight: float = 0.0              # total-variation weight (models with total_variation)
     target_psnr: Optional[float] = None
     max_steps: int = 0                  # > 0: also stop after this many steps (reproducible)
@@ -62,11 +63,13 @@ class LoopState:
 def make_photometric_optimizer(model: nn.Module, cfg: PhotometricConfig):
     if cfg.optimizer == "lbfgs_targets":
         return BatchedLBFGS(list(model.parameters()), lr=1.0, history_size=cfg.history_size,
-                            max_eval=cfg.lbfgs_evals, line_search="strong_wolfe")
+                            max_eval=cfg.lbfgs_evals, line_search="strong_wolfe",
+                            history_dtype=cfg.history_dtype)
     if cfg.optimizer == "lbfgs":
         return BatchedLBFGS(list(model.parameters()), lr=cfg.lbfgs_lr,
                             history_size=cfg.history_size, max_eval=cfg.lbfgs_evals,
-                            line_search=cfg.lbfgs_line_search, max_step=cfg.lbfgs_max_step)
+                            line_search=cfg.lbfgs_line_search, max_step=cfg.lbfgs_max_step,
+                            history_dtype=cfg.history_dtype)
     if hasattr(model, "optimizer"):
         return model.optimizer()
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -143,6 +143,11 @@ class NerfOptions:
         "help": "Adam rate for the cells", "positive": True})
     history_size: int = dc_field(default=30, metadata={
         "help": "L-BFGS pairs per cell", "positive": True})
+    history_dtype: str = dc_field(default="auto", metadata={
+        "help": "L-BFGS: storage of the curvature pairs; bfloat16 halves the memory each step "
+                "reads (fused kernels widen the pairs and accumulate in float32), float32 is "
+                "the exact reference, auto is bfloat16 from 32 MB of fp32 history on",
+        "choices": ("auto", "bfloat16", "float16", "float32")})
     evals_per_step: int = dc_field(default=5, metadata={
         "help": "L-BFGS: function evaluations per step (direct route: per ray batch; "
                 "distillation: between quality checks, or per draw with fresh sampling)",
@@ -383,7 +388,7 @@ class NerfPipeline:
         o = self.opts
         problem = self.distill_problem()
         cfg = FitConfig(optimizer=o.optimizer, lr=o.lr, history_size=o.history_size,
-                        evals_per_step=o.evals_per_step,
+                        history_dtype=o.history_dtype, evals_per_step=o.evals_per_step,
                         max_seconds=self.opts.budgets()["distill"], max_evals=o.distill_evals,
                         ckpt_path=self.ckpt_path, ckpt_every=o.ckpt_every,
                         progress=o.progress, desc=f"distill {o.optimizer}",
@@ -423,7 +428,7 @@ class NerfPipeline:
             self.field = self.new_field(None)
         cfg = PhotometricConfig(optimizer=optimizer, lr=lr, batch_rays=o.batch_rays,
                                 seconds=self.opts.budgets()[stage], history_size=o.history_size,
-                                lbfgs_evals=o.evals_per_step, max_steps=o.max_steps,
+                                history_dtype=o.history_dtype, lbfgs_evals=o.evals_per_step, max_steps=o.max_steps,
                                 gn_damping=o.gn_damping, gn_step=o.gn_step,
                                 targets_per_cell=o.targets_per_cell,
                                 lbfgs_line_search=o.lbfgs_line_search, lbfgs_lr=o.lbfgs_lr,
