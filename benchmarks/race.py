@@ -57,9 +57,10 @@ class Race:
     # samples, the same sequence of draws for every contender and seed)
     fit_callbacks: Callable[[], List[Callback]] = list
     # before the first timed run, each optimiser (BatchedLBFGS, Adam) runs this many
-    # evaluations on a throwaway model, untimed: on CUDA the first run would otherwise pay
-    # for kernel loading, library handles and the allocator's pools
-    warmup_evals: int = 0
+    # evaluations on a throwaway model, untimed: the first run would otherwise pay for
+    # compiling BatchedLBFGS's reduced-precision history kernels (once per shape, a few
+    # seconds) and, on CUDA, for kernel loading, library handles and the allocator's pools
+    warmup_evals: int = 5
 
 
 def first_time_reaching(history: List[List[float]], target: float) -> Optional[float]:

@@ -36,7 +36,9 @@ ORDER = (
     "image_compression_kodak", "image_activations", "image_width",
     "audio_race", "video_race", "video_race_chunked", "shape_race", "shape_generalisation", "quick_races",
     "quick_races_chunked",
-    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "engine_demo", "engine_lego",
+    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "history_dtype",
+    "image_fidelity_bf16", "quick_races_bf16", "engine_demo",
+    "engine_lego",
     "scaling", "large_image", "long_audio", "gpu_h200", "fox", "own_scene_colmap", "nerf_auto_box",
     "mesh_demo", "viewer_overhead",
 )

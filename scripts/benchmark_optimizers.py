@@ -130,8 +130,6 @@ def main():
             race.sweep_seeds = args.sweep_seeds
         if args.targets is not None:
             race.targets = tuple(sorted(args.targets))
-        if args.device == "cuda":
-            race.warmup_evals = 5
         if args.adam_lrs is not None:
             if not args.adam_lrs or min(args.adam_lrs) <= 0:
                 raise UserError(f"--adam_lrs {args.adam_lrs}: give one or more positive rates")

@@ -288,3 +288,29 @@ def test_auto_stores_bfloat16_only_for_large_float32_histories(monkeypatch):
 def test_history_wider_than_the_parameters_is_refused():
     with pytest.raises(ValueError, match="history_dtype float64 is wider"):
         BatchedLBFGS([torch.nn.Parameter(torch.zeros(2, 3))], history_dtype="float64")
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_equal_their_eager_twins_and_the_cpu():
+    """On CUDA the history kernels compile through Triton: the same numbers as the eager twin
+    and as the CPU, forward only (the passes run under no_grad)."""
+    _, sy = _history(torch.bfloat16)
+    syb = H.to_blocked(sy)
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(N, P, generator=g)
+    coef = torch.randn(N, 2 * M, generator=g, dtype=torch.float64)
+    cpu_p, cpu_c = H.project(sy, v, M), H.combine(sy, syb, coef, M, torch.float32)
+    dev = torch.device("cuda")
+    sy_d, syb_d, v_d, coef_d = sy.to(dev), syb.to(dev), v.to(dev), coef.to(dev)
+    flat = sy_d.view(N, 2 * M, P)
+    torch.testing.assert_close(H.project_widened(flat, v_d), H.project_widened.fn(flat, v_d),
+                               rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(H.project(sy_d, v_d, M).cpu(), cpu_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(H.combine(sy_d, syb_d, coef_d, M, torch.float32).cpu(), cpu_c,
+                               rtol=1e-5, atol=1e-5)
+    # the sync-free write path (a CUDA mask) against the CPU one
+    s, y = torch.randn(N, P, generator=g), torch.randn(N, P, generator=g)
+    slot, keep = torch.tensor([1, 3, 0]), torch.tensor([True, False, True])
+    H.write_pair(sy, syb, slot, s, y, keep)
+    H.write_pair(sy_d, syb_d, slot.to(dev), s.to(dev), y.to(dev), keep.to(dev))
+    assert torch.equal(sy_d.cpu(), sy) and torch.equal(syb_d.cpu(), syb)
