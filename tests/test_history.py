@@ -245,16 +245,21 @@ def test_bad_history_dtype_raises_value_error_naming_it(value):
         BatchedLBFGS([torch.nn.Parameter(torch.zeros(2, 3))], history_dtype=value)
 
 
-def test_history_dtype_is_fixed_after_the_first_step_and_accepts_torch_dtypes():
-    x = torch.nn.Parameter(torch.randn(2, 3))
-    opt = BatchedLBFGS([x], history_size=3, history_dtype=torch.bfloat16)
-    assert opt.param_groups[0]["history_dtype"] == "bfloat16"
-
+def _squares_closure(opt, x):
+    """Closure of the per-cell loss ``sum(x^2)`` ``[n]``."""
     def closure():
         opt.zero_grad()
         loss = (x ** 2).sum(1)
         loss.sum().backward()
         return loss.detach()
+    return closure
+
+
+def test_history_dtype_is_fixed_after_the_first_step_and_accepts_torch_dtypes():
+    x = torch.nn.Parameter(torch.randn(2, 3))
+    opt = BatchedLBFGS([x], history_size=3, history_dtype=torch.bfloat16)
+    assert opt.param_groups[0]["history_dtype"] == "bfloat16"
+    closure = _squares_closure(opt, x)
     opt.step(closure)
     opt.param_groups[0]["history_dtype"] = None
     with pytest.raises(ValueError, match="history_dtype cannot change"):
@@ -274,12 +279,7 @@ def test_auto_stores_bfloat16_only_for_large_float32_histories(monkeypatch):
     for n, want in ((2, torch.bfloat16), (1, torch.float32)):
         x = torch.nn.Parameter(torch.randn(n, 5))
         opt = BatchedLBFGS([x], history_size=10, history_dtype="auto")
-
-        def closure():
-            opt.zero_grad()
-            loss = (x ** 2).sum(1)
-            loss.sum().backward()
-            return loss.detach()
+        closure = _squares_closure(opt, x)
         opt.step(closure)
         assert opt.state[x]["sy"].dtype == want
         opt.step(closure)                     # the consistency check accepts what auto chose
