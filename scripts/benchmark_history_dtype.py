@@ -30,38 +30,36 @@ from kilonerf_lbfgs.io import save_json  # noqa: E402
 from kilonerf_lbfgs.optim import BatchedLBFGS  # noqa: E402
 
 
-def trajectory(race, seed: int, dtype: str, max_evals: int, stop_at_top: bool = True) -> dict:
-    """Quality after every evaluation of BatchedLBFGS (``race.lbfgs`` settings, one
-    evaluation per step) for ``max_evals`` evaluations, or until the highest target."""
-    problem = race.problem
+def one_step_fn(race, model, dtype: str):
+    """A function that takes one BatchedLBFGS step (``race.lbfgs`` settings, one evaluation
+    per step, the history in ``dtype``) on ``model``."""
     cfg = race.lbfgs
-
-    def optimizer(model):
-        return BatchedLBFGS(model.parameters(), lr=cfg.lr or 1.0, max_eval=1,
-                            history_size=cfg.history_size, history_dtype=dtype,
-                            line_search=None if cfg.line_search == "none" else cfg.line_search)
-    # warm-up on a throwaway model of the same shape: the reduced-precision kernels compile
-    # on first use (once per shape), which the timed run should not pay
-    warm = race.make_model(seed)
-    opt = optimizer(warm)
-
-    def closure_warm():
-        opt.zero_grad()
-        return problem.loss_and_backward(warm)
-    for _ in range(3):
-        opt.step(closure_warm)
-    del warm, opt
-    model = race.make_model(seed)
-    opt = optimizer(model)
+    opt = BatchedLBFGS(model.parameters(), lr=cfg.lr or 1.0, max_eval=1,
+                       history_size=cfg.history_size, history_dtype=dtype,
+                       line_search=None if cfg.line_search == "none" else cfg.line_search)
 
     def closure():
         opt.zero_grad()
-        return problem.loss_and_backward(model)
+        return race.problem.loss_and_backward(model)
+    return lambda: opt.step(closure)
+
+
+def trajectory(race, seed: int, dtype: str, max_evals: int, stop_at_top: bool = True) -> dict:
+    """Quality after every evaluation of BatchedLBFGS for ``max_evals`` evaluations, or until
+    the highest target."""
+    # warm-up on a throwaway model of the same shape: the reduced-precision kernels compile
+    # on first use (once per shape), which the timed run should not pay
+    step = one_step_fn(race, race.make_model(seed), dtype)
+    for _ in range(3):
+        step()
+    model = race.make_model(seed)
+    step = one_step_fn(race, model, dtype)
+    problem = race.problem
     qualities, seconds = [], 0.0
     top = max(race.targets)
     for _ in range(max_evals):
         t0 = time.perf_counter()
-        opt.step(closure)
+        step()
         seconds += time.perf_counter() - t0
         with torch.no_grad():
             qualities.append(problem.quality(problem.cell_losses(model)))

@@ -1,4 +1,5 @@
 """The optimiser race: summaries, ratios and lower bounds, and a tiny end-to-end race."""
+import json
 import math
 
 import numpy as np
@@ -115,3 +116,20 @@ def test_narrowed_adam_grid_sweeps_only_those_rates():
     names = {r["contender"] for r in rep["results"]}
     assert names == {"adam_lr=0.001", "adam_lr=0.01", "adam_cos_lr=0.001", "adam_cos_lr=0.01"}
     assert rep["adam_lrs"] == [1e-3, 1e-2]
+
+
+def test_history_dtype_benchmark_runs_and_writes_its_record(script, tmp_path):
+    out, rec = tmp_path / "hd.json", tmp_path / "rec.json"
+    r = script("benchmark_history_dtype.py", "--images", "camera", "--seeds", 1, "--max_evals", 4,
+               "--dtypes", "float32", "bfloat16", "--threads", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["dtype"] for x in rows] == ["float32", "bfloat16"]
+    assert all(x["evals"] == 4 and len(x["qualities"]) == 4 for x in rows)
+    # the quality rises, and the bfloat16 run starts on the fp32 one's curve
+    assert rows[0]["qualities"][-1] > rows[0]["qualities"][0]
+    assert abs(rows[1]["qualities"][0] - rows[0]["qualities"][0]) < 0.1
+    r = script("benchmark_history_dtype.py", "--record", rec, "--from", out)
+    assert r.returncode == 0, r.stderr
+    table = json.loads(rec.read_text())
+    assert len(table["rows"]) == 2 and table["rows"][0][7] == 0.0     # gap of fp32 to itself

@@ -69,6 +69,7 @@ class Hyperparameters(NamedTuple):
     max_step: Optional[float] = None
     history_dtype: Optional[str] = None
 
+
 # what history_dtype may say (None: the parameters' dtype; "auto": see history.resolve_dtype)
 HISTORY_DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
 
@@ -141,9 +142,6 @@ def check_hyperparameters(group: Mapping[str, Any]) -> Hyperparameters:
                          f"{', '.join(HISTORY_DTYPES)}, got {group['history_dtype']!r}")
     return Hyperparameters(lr=lr, line_search=mode, c1=c1, c2=c2, max_step=max_step,
                            history_dtype=history_dtype, **ints, **floats)
-
-
-
 
 
 # ---------------------------------------------------------------------------- the state
@@ -346,7 +344,7 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
     st.gamma = torch.where(reset, torch.ones_like(st.gamma), st.gamma)
     order = chronological_order(st.ptr, st.history_size)
     coef = compact_coefficients(proj, st.sty, st.yty, st.gamma, valid, order, work)
-    # d = -(gamma g + coef . [S;Y]); combine_history returns a new tensor
+    # d = -(gamma g + coef . [S;Y]); combine returns a new tensor
     d = torch.addcmul(combine(st.sy, st.syb, coef, st.slots_used, grad.dtype),
                       st.gamma.to(grad.dtype)[:, None], grad).neg_()
     gtd_cell = cell_dot(grad, d)
@@ -849,7 +847,9 @@ class BatchedLBFGS(Optimizer):
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         group["params"] = list(range(len(self._params)))
         st = self.state[self._params[0]]
-        state = {0: _tree_map(torch.clone, st)} if st else {}
+        # the blocked copy of a reduced-precision history is derived data: from_dict rebuilds it
+        state = {0: _tree_map(torch.clone, {k: v for k, v in st.items() if k != "syb"})} \
+            if st else {}
         return {"state": state, "param_groups": [group]}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
