@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 from typing import Callable
 
@@ -105,24 +106,43 @@ def compile_enabled() -> bool:
 
 
 class CompiledKernel:
-    """``fn`` compiled with ``torch.compile`` (static shapes: one kernel per shape) on first
-    use, and ``fn`` itself, eagerly, where compilation is off or fails (one warning, then
-    eager for good). ``fn`` must be a pure tensor function; its eager run is the reference
-    twin the tests compare the compiled one with."""
+    """``fn`` compiled with ``torch.compile`` (static shapes) on first use, and ``fn`` itself,
+    eagerly, where compilation is off or fails (one warning, then eager for good). ``fn``
+    must be a pure tensor function; its eager run is the reference twin the tests compare
+    the compiled one with.
+
+    Each argument signature (shapes, strides, dtypes, devices) gets its own compilation of
+    its own copy of ``fn``: ``torch.compile`` keeps at most ``recompile_limit`` (8) kernels
+    per function and runs it eagerly beyond that, which a process fitting several problems
+    (or a test suite) would reach. At most :attr:`max_kernels` signatures are compiled;
+    later ones run eagerly."""
+
+    max_kernels = 64
 
     def __init__(self, fn: Callable):
         self.fn = fn
-        self._compiled = None
+        self._compiled: dict = {}
         self._failed = False
         functools.update_wrapper(self, fn)
+
+    def _signature(self, args) -> tuple:
+        return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if torch.is_tensor(a)
+                     else a for a in args)
 
     def __call__(self, *args):
         if self._failed or not compile_enabled():
             return self.fn(*args)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=False)
+        key = self._signature(args)
+        kernel = self._compiled.get(key)
+        if kernel is None:
+            if len(self._compiled) >= self.max_kernels:
+                return self.fn(*args)
+            fn = self.fn
+            copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                      fn.__defaults__, fn.__closure__)
+            kernel = self._compiled[key] = torch.compile(copy, dynamic=False)
         try:
-            return self._compiled(*args)
+            return kernel(*args)
         except Exception as err:  # noqa: BLE001 - no compiler, unsupported op, backend error
             self._failed = True
             warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(err).__name__}: "

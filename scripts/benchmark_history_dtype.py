@@ -130,7 +130,7 @@ def main():
                    help="images for the fidelity preset (scikit-image names or files)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"],
-                   choices=("float32", "bfloat16", "float16"))
+                   choices=("float32", "bfloat16", "float16", "auto"))
     p.add_argument("--max_evals", type=int, default=400)
     p.add_argument("--distill", action="store_true",
                    help="also the NeRF distillation (needs ../shared/data/nerf_synthetic/lego)")

@@ -74,8 +74,20 @@ def test_compiled_kernels_equal_their_eager_twins_and_do_compile():
     torch.testing.assert_close(H.combine_widened(syb, c), H.combine_widened.fn(syb, c),
                                rtol=1e-6, atol=1e-5)
     # the compiled path ran (a silent fallback to the twin would make this test vacuous)
-    assert H.project_widened._compiled is not None and not H.project_widened._failed
-    assert H.combine_widened._compiled is not None and not H.combine_widened._failed
+    assert H.project_widened._compiled and not H.project_widened._failed
+    assert H.combine_widened._compiled and not H.combine_widened._failed
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_kernel_compiles_more_shapes_than_torch_compile_keeps_per_function():
+    """torch.compile keeps 8 kernels per function (then runs it eagerly, with a warning);
+    each signature here gets its own compiled copy, so the 12th shape still compiles."""
+    k = backends.CompiledKernel(lambda x: (x * 2).sum(-1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # no "recompile_limit" warning
+        for n in range(1, 13):
+            torch.testing.assert_close(k(torch.ones(n, 3)), torch.full((n,), 6.0))
+    assert len(k._compiled) == 12 and not k._failed
 
 
 def test_compiled_kernel_falls_back_to_eager_once_with_a_warning(monkeypatch):
@@ -262,7 +274,7 @@ def test_history_dtype_is_fixed_after_the_first_step_and_accepts_torch_dtypes():
         opt.step(closure)
 
 
-def test_auto_stores_bfloat16_only_for_large_float32_histories(monkeypatch):
+def test_auto_resolves_to_bfloat16_only_for_large_float32_histories():
     f32, f64 = torch.float32, torch.float64
     big = H.AUTO_REDUCED_BYTES // (4 * 2 * 10) + 1          # parameters per cell, m = 10, n = 1
     assert H.resolve_dtype("auto", f32, 1, 10, big) == torch.bfloat16
@@ -270,15 +282,104 @@ def test_auto_stores_bfloat16_only_for_large_float32_histories(monkeypatch):
     assert H.resolve_dtype("auto", f64, 1, 10, big) == f64      # float64 stays exact
     assert H.resolve_dtype(None, f32, 1, 10, big) == f32
     assert H.resolve_dtype("float16", f32, 1, 1, 1) == torch.float16
-    # the optimiser allocates what auto resolves to (threshold lowered to this problem)
-    monkeypatch.setattr(H, "AUTO_REDUCED_BYTES", 2 * 10 * 2 * 5 * 4)
-    for n, want in ((2, torch.bfloat16), (1, torch.float32)):
-        x = torch.nn.Parameter(torch.randn(n, 5))
-        opt = BatchedLBFGS([x], history_size=10, history_dtype="auto")
-        closure = _squares_closure(opt, x)
-        opt.step(closure)
-        assert opt.state[x]["sy"].dtype == want
-        opt.step(closure)                     # the consistency check accepts what auto chose
+    # auto starts exact; every explicit setting starts where it ends
+    assert H.initial_dtype("auto", f32, 1, 10, big) == f32
+    assert H.initial_dtype("bfloat16", f32, 1, 1, 1) == torch.bfloat16
+
+
+def _fit_watching(model, x, t, n_evals, **kw):
+    """One evaluation per step; the per-cell losses and a copy of the state after each."""
+    opt = BatchedLBFGS(model.parameters(), max_eval=1, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model.forward_dense(x) - t) ** 2).mean((1, 2))
+        loss.sum().backward()
+        return loss.detach()
+    losses, states = [], []
+    for _ in range(n_evals):
+        losses.append(opt.step(closure).clone())
+        states.append({k: v.clone() if torch.is_tensor(v) else v      # (updated in place)
+                       for k, v in opt.state[opt._params[0]].items()})
+    return opt, torch.stack(losses), states, closure
+
+
+def test_auto_runs_exact_while_the_history_fills_then_narrows_consistently(monkeypatch):
+    """With ``auto`` resolving to bfloat16 (threshold lowered to this problem): the history
+    is fp32 and the iterates are the fp32 run's, bit for bit, until every slot is in use;
+    then the pairs are stored in bfloat16 with the blocked copy, and the Gram matrices and
+    ``proj0`` are those of the rounded pairs. The run then follows the fp32 run within the
+    bfloat16 test's tolerance, and a state saved while filling resumes exactly."""
+    monkeypatch.setattr(H, "AUTO_REDUCED_BYTES", 1)
+    m, n_evals = 6, 40
+    model, x, t = _mlp_problem(3, seed=2)
+    ref_model = type(model)(3, 2, 1, 16, 2, "sine", omega_0=10.0)
+    ref_model.load_state_dict(model.state_dict())
+    early = type(model)(3, 2, 1, 16, 2, "sine", omega_0=10.0)
+    early.load_state_dict(model.state_dict())
+    _, ref, _, _ = _fit_watching(ref_model, x, t, n_evals, history_size=m)
+    opt, auto, states, closure = _fit_watching(model, x, t, n_evals, history_size=m,
+                                               history_dtype="auto")
+    full_at = next(i for i, st in enumerate(states) if st["slots_used"] == m)
+    for st in states[:full_at]:
+        assert st["sy"].dtype == torch.float32 and st["syb"] is None
+    assert torch.equal(auto[:full_at + 1], ref[:full_at + 1])
+    st = states[full_at]
+    assert st["sy"].dtype == torch.bfloat16
+    assert torch.equal(st["syb"], H.to_blocked(st["sy"]))
+    wide = st["sy"].double()
+    s, y = wide[:, :, 0], wide[:, :, 1]
+    # fp32 accumulation: within 1e-5 of each matrix's largest entry (the pairs before
+    # rounding would be ~1e-2 off)
+    for got, want in ((st["sty"], s @ y.transpose(1, 2)), (st["yty"], y @ y.transpose(1, 2)),
+                      (st["proj0"], project_history(wide, st["g0"].double(), m))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    ratio = auto / ref
+    assert ((ratio > 1 / 1.25) & (ratio < 1.25)).all(), ratio
+    assert (auto[-1] < 2e-3 * auto[0]).all()
+    # a state saved while the history is still fp32 loads (auto allows both dtypes) and
+    # continues bit for bit
+    opt2, _, _, closure2 = _fit_watching(early, x, t, full_at - 1, history_size=m,
+                                         history_dtype="auto")
+    twin = type(model)(3, 2, 1, 16, 2, "sine", omega_0=10.0)
+    twin.load_state_dict(early.state_dict())
+    resumed = BatchedLBFGS(twin.parameters(), max_eval=1, history_size=m, history_dtype="auto")
+    resumed.load_state_dict(opt2.state_dict())
+
+    def closure3():
+        resumed.zero_grad()
+        loss = ((twin.forward_dense(x) - t) ** 2).mean((1, 2))
+        loss.sum().backward()
+        return loss.detach()
+    for _ in range(3):                       # across the narrowing
+        assert torch.equal(opt2.step(closure2), resumed.step(closure3))
+    assert resumed.state[resumed._params[0]]["sy"].dtype == torch.bfloat16
+
+
+def test_auto_stays_exact_for_small_histories():
+    model, x, t = _mlp_problem(2, seed=3)
+    opt, _, states, _ = _fit_watching(model, x, t, 12, history_size=4, history_dtype="auto")
+    assert all(st["sy"].dtype == torch.float32 and st["syb"] is None for st in states)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile on the CPU needs a C++ compiler")
+def test_auto_compiles_its_kernels_at_the_first_step(monkeypatch):
+    """The kernels of the final dtype compile before the history fills (in a race's untimed
+    warm-up), not at the evaluation where it narrows."""
+    monkeypatch.setattr(H, "AUTO_REDUCED_BYTES", 1)
+    calls = []
+    real = backends.CompiledKernel.__call__
+
+    def spy(self, *args):
+        calls.append((self.fn.__name__, tuple(args[0].shape), args[0].dtype))
+        return real(self, *args)
+    monkeypatch.setattr(backends.CompiledKernel, "__call__", spy)
+    model, x, t = _mlp_problem(2, seed=5)
+    opt, _, states, _ = _fit_watching(model, x, t, 1, history_size=5, history_dtype="auto")
+    p = states[0]["x0"].shape[1]
+    assert states[0]["sy"].dtype == torch.float32       # the history itself is still fp32
+    assert calls == [("_project_widened", (2, 10, p), torch.bfloat16),
+                     ("_combine_widened", (2, -(-p // H.BLOCK), 10, H.BLOCK), torch.bfloat16)]
 
 
 def test_history_wider_than_the_parameters_is_refused():

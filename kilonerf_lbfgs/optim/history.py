@@ -48,13 +48,24 @@ def resolve_dtype(name: Optional[str], param_dtype: torch.dtype, n: int, m: int,
                   p: int) -> torch.dtype:
     """The storage dtype a ``history_dtype`` setting means for an ``[n, m, 2, p]`` history of
     ``param_dtype`` parameters: None is ``param_dtype``; ``"auto"`` is bfloat16 for float32
-    parameters whose history reaches :data:`AUTO_REDUCED_BYTES`, else ``param_dtype``."""
+    parameters whose history reaches :data:`AUTO_REDUCED_BYTES`, else ``param_dtype``.
+    (``"auto"`` reaches that dtype once the history is full: see :func:`initial_dtype`.)"""
     if name is None:
         return param_dtype
     if name == "auto":
         big = n * m * 2 * p * 4 >= AUTO_REDUCED_BYTES
         return torch.bfloat16 if param_dtype == torch.float32 and big else param_dtype
     return getattr(torch, name)
+
+
+def initial_dtype(name: Optional[str], param_dtype: torch.dtype, n: int, m: int,
+                  p: int) -> torch.dtype:
+    """The dtype the history starts in. ``"auto"`` starts in ``param_dtype`` and narrows to
+    :func:`resolve_dtype`'s choice when the history is full (:func:`narrow`): while it fills,
+    the exact path reads only the slots in use (``k / m`` of the buffer), where the
+    fixed-shape reduced kernels would read all of it; a run shorter than ``m`` evaluations
+    never narrows. Every other setting starts in its final dtype."""
+    return param_dtype if name == "auto" else resolve_dtype(name, param_dtype, n, m, p)
 
 
 def is_reduced(sy: torch.Tensor, like: torch.Tensor) -> bool:
@@ -79,6 +90,48 @@ def new_history(n: int, m: int, p: int, dtype: torch.dtype, param_dtype: torch.d
     if dtype == param_dtype:
         return sy, None
     return sy, torch.zeros(n, -(-p // BLOCK), 2 * m, BLOCK, dtype=dtype, device=device)
+
+
+def warm_kernels(n: int, m: int, p: int, dtype: torch.dtype, param_dtype: torch.dtype,
+                 device) -> None:
+    """Run (and so compile) the two reduced-precision passes once for an ``[n, m, 2, p]``
+    history in ``dtype``, on scratch buffers that are freed again: a history that narrows
+    later (``"auto"``) then pays the compilation up front, not in the middle of a run."""
+    if dtype == param_dtype:
+        return
+    sy, syb = (torch.empty(n, m, 2, p, dtype=dtype, device=device),
+               torch.empty(n, -(-p // BLOCK), 2 * m, BLOCK, dtype=dtype, device=device))
+    v = torch.zeros(n, p, dtype=param_dtype, device=device)
+    project(sy, v, m)
+    combine(sy, syb, torch.zeros(n, 2 * m, dtype=torch.float64, device=device), m, param_dtype)
+
+
+def narrow(sy: torch.Tensor, dtype: torch.dtype, g: torch.Tensor):
+    """A full history in the parameters' dtype, ``sy [n, m, 2, p]``, stored from now on in
+    ``dtype``. Everything derived from the pairs is recomputed from the rounded pairs, so that
+    it stays consistent with their later projections (the Gram updates subtract
+    projections, see :func:`~kilonerf_lbfgs.optim.lbfgs.update_history`).
+
+    Args:
+        sy: ``[n, m, 2, p]`` the history, every slot in use.
+        dtype: the narrower storage dtype.
+        g: ``[n, p]`` the current gradient.
+    Returns:
+        sy ``[n, m, 2, p]`` in ``dtype``; syb, its blocked copy; sty, yty ``[n, m, m]``
+        float64, ``s_i . y_j`` and ``y_i . y_j`` of the rounded pairs; proj ``[n, 2m]``
+        float64, ``[S;Y]^T g``.
+    """
+    n, m, _, p = sy.shape
+    narrow_sy = sy.to(dtype)
+    sty = torch.empty(n, m, m, dtype=torch.float64, device=sy.device)
+    yty = torch.empty_like(sty)
+    step = max(1, (64 << 20) // (m * 2 * p * sy.element_size()))    # ~64 MB widened at a time
+    for lo in range(0, n, step):
+        pairs = narrow_sy[lo:lo + step].to(sy.dtype)
+        s, y = pairs[:, :, 0], pairs[:, :, 1]                          # [c, m, p]
+        sty[lo:lo + step].copy_(torch.bmm(s, y.transpose(1, 2)))
+        yty[lo:lo + step].copy_(torch.bmm(y, y.transpose(1, 2)))
+    return narrow_sy, to_blocked(narrow_sy), sty, yty, project(narrow_sy, g, m)
 
 
 def write_pair(sy: torch.Tensor, syb: Optional[torch.Tensor], slot: torch.Tensor,

@@ -43,7 +43,8 @@ import torch
 from torch.optim import Optimizer
 
 from .compact import cell_dot, chronological_order, compact_coefficients
-from .history import combine, new_history, project, resolve_dtype, to_blocked, write_pair
+from .history import (combine, initial_dtype, narrow, new_history, project, resolve_dtype,
+                      to_blocked, warm_kernels, write_pair)
 from .linesearch import LINE_SEARCHES, LineSearchState, line_search_update, new_line_state
 
 ACTIVE, CONVERGED, FAILED = 0, 1, 2
@@ -289,7 +290,11 @@ def init_state(loss: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, separabl
     f64 = dict(device=dev, dtype=torch.float64)
     n_lines = n if separable else 1
     status = torch.full((n,), ACTIVE, dtype=torch.long, device=dev)
-    sy, syb = new_history(n, m, p, resolve_dtype(hp.history_dtype, dt, n, m, p), dt, dev)
+    final = resolve_dtype(hp.history_dtype, dt, n, m, p)
+    start = initial_dtype(hp.history_dtype, dt, n, m, p)
+    if start != final:  # narrows when full: compile its kernels now, not in mid-run
+        warm_kernels(n, m, p, final, dt, dev)
+    sy, syb = new_history(n, m, p, start, dt, dev)
     st = LBFGSState(
         separable=bool(separable), slots_used=0, sy=sy, syb=syb,
         sty=torch.zeros(n, m, m, **f64), yty=torch.zeros(n, m, m, **f64),
@@ -605,6 +610,21 @@ def iterate(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor, hp: Hyperpar
     renew = (accept | retry) & (st.status == ACTIVE)
     new_direction(st, st.g0, torch.where(accept[:, None], proj_new, st.proj0), reset=retry,
                   where=renew, lr=hp.lr, work=work, max_step=hp.max_step)
+    if st.syb is None and st.slots_used == st.history_size and hp.history_dtype == "auto":
+        narrow_when_full(st)
+
+
+def narrow_when_full(st: LBFGSState) -> None:
+    """``history_dtype="auto"``: the history just filled; store it from now on in the dtype
+    :func:`~.history.resolve_dtype` picks (if narrower), with the Gram matrices and ``proj0``
+    recomputed from the rounded pairs (:func:`~.history.narrow`). The one approximation: a
+    cell's next ``s^T Y`` row comes from its current direction's coefficients, which were
+    computed from the pairs before rounding (a relative error of the rounding's order in one
+    row, replaced within ``m`` steps)."""
+    n, m, _, p = st.sy.shape
+    final = resolve_dtype("auto", st.x0.dtype, n, m, p)
+    if final != st.sy.dtype:
+        st.sy, st.syb, st.sty, st.yty, st.proj0 = narrow(st.sy, final, st.g0)
 
 
 def restart_on_new_objective(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor,
@@ -667,8 +687,9 @@ class BatchedLBFGS(Optimizer):
             ``"float16"`` (or the ``torch.dtype``): half the memory traffic of an fp32
             history, through fused kernels that widen the pairs and accumulate in the
             parameters' dtype (:mod:`~kilonerf_lbfgs.optim.history`), or ``"auto"``:
-            bfloat16 where an fp32 history would outgrow the cache
-            (:func:`~kilonerf_lbfgs.optim.history.resolve_dtype`), else exact. Only the
+            exact while the history fills, then bfloat16 where an fp32 history would
+            outgrow the cache (:func:`~kilonerf_lbfgs.optim.history.resolve_dtype`), else
+            exact throughout. Only the
             stored pairs are rounded, so the iterates differ from fp32 at the level of that
             rounding; fixed once the history is allocated, like ``history_size``.
 
@@ -759,7 +780,7 @@ class BatchedLBFGS(Optimizer):
             raise ValueError(f"BatchedLBFGS: history_size cannot change after the first step "
                              f"(the history holds {st['sy'].shape[1]} slots, "
                              f"param_groups[0] asks for {hp.history_size})")
-        if "sy" in st and st["sy"].dtype != self._history_dtype(hp):
+        if "sy" in st and st["sy"].dtype not in self._history_dtypes(hp):
             raise ValueError(f"BatchedLBFGS: history_dtype cannot change after the first step "
                              f"(the history is stored in {st['sy'].dtype}, param_groups[0] "
                              f"asks for {hp.history_dtype})")
@@ -768,6 +789,13 @@ class BatchedLBFGS(Optimizer):
     def _history_dtype(self, hp: Hyperparameters) -> torch.dtype:
         return resolve_dtype(hp.history_dtype, self._params[0].dtype, self.n_cells,
                              hp.history_size, self.n_params)
+
+    def _history_dtypes(self, hp: Hyperparameters) -> Tuple[torch.dtype, ...]:
+        """The dtypes a history of this ``history_dtype`` may be stored in: its final one,
+        and with ``"auto"`` also the parameters' (before it is full)."""
+        start = initial_dtype(hp.history_dtype, self._params[0].dtype, self.n_cells,
+                              hp.history_size, self.n_params)
+        return tuple({start, self._history_dtype(hp)})
 
     def _evaluate(self, closure: Callable):
         with torch.enable_grad():
@@ -892,7 +920,7 @@ class BatchedLBFGS(Optimizer):
             if st.x0.dtype != dtype:
                 raise ValueError(f"BatchedLBFGS: the state_dict is in {st.x0.dtype}; the "
                                  f"parameters are {dtype}")
-            if st.sy.dtype != self._history_dtype(hp):
+            if st.sy.dtype not in self._history_dtypes(hp):
                 raise ValueError(f"BatchedLBFGS: the state_dict's history is stored in "
                                  f"{st.sy.dtype}; its history_dtype says {hp.history_dtype}")
             new = st.to_dict()
