@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import time
 import typing
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -289,8 +290,12 @@ def run_main(main: Callable[[], None]) -> None:
         distributed.shutdown(barrier=False)
         if shards is None or shards.is_main:         # one line, from rank 0 alone
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            print(f"error: {'; '.join(lines)}", file=sys.stderr)
+            print(f"error: {'; '.join(lines)}", file=sys.stderr, flush=True)
         if shards is not None:
+            if not shards.is_main:
+                # torchrun stops every rank once one exits with an error: give rank 0 the
+                # time to write its line first
+                time.sleep(2.0)
             distributed.exit_process(1)
         sys.exit(1)
     except KeyboardInterrupt:
