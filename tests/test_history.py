@@ -2,6 +2,7 @@
 passes against their eager twins and the full-precision reference, the blocked layout, the
 pair writes, and BatchedLBFGS with ``history_dtype`` against fp32 and against one run per cell.
 """
+import copy
 import shutil
 import warnings
 
@@ -171,15 +172,21 @@ def _mlp_problem(n_cells, seed=0, dtype=torch.float32):
     return model, x, t
 
 
-def _fit(model, x, t, n_steps, **kw):
-    opt = BatchedLBFGS(model.parameters(), max_eval=5, **kw)
-    losses = []
-
+def _closure(model, opt, x, t):
+    """The closure of the per-cell mean squared error of ``model`` on ``(x, t)``."""
     def closure():
         opt.zero_grad()
         loss = ((model.forward_dense(x) - t) ** 2).mean((1, 2))
         loss.sum().backward()
         return loss.detach()
+    return closure
+
+
+def _fit(model, x, t, n_steps, **kw):
+    opt = BatchedLBFGS(model.parameters(), max_eval=5, **kw)
+    losses = []
+
+    closure = _closure(model, opt, x, t)
     for _ in range(n_steps):
         losses.append(opt.step(closure).clone())
     return opt, torch.stack(losses)
@@ -193,8 +200,7 @@ def test_reduced_history_follows_the_fp32_iterates_on_a_small_problem(dtype):
     the pairs moves the iterates a little, and the runs drift apart slowly), and the fit
     falls 500x as the fp32 one does."""
     model, x, t = _mlp_problem(3)
-    ref_model = type(model)(3, 2, 1, 16, 2, "sine", omega_0=10.0)
-    ref_model.load_state_dict(model.state_dict())
+    ref_model = copy.deepcopy(model)
     _, ref = _fit(ref_model, x, t, 12, history_size=10)
     opt, red = _fit(model, x, t, 12, history_size=10, history_dtype=dtype)
     st = opt.state[next(model.parameters())]
@@ -225,16 +231,7 @@ def test_reduced_history_state_dict_resumes_exactly_and_rebuilds_the_blocked_cop
     opt, _ = _fit(model, x, t, 3, history_size=6, history_dtype="bfloat16")
     sd = opt.state_dict()
     assert sd["param_groups"][0]["history_dtype"] == "bfloat16"
-    twin = type(model)(2, 2, 1, 16, 2, "sine", omega_0=10.0)
-    twin.load_state_dict(model.state_dict())
-
-    def closure_for(m, o):
-        def closure():
-            o.zero_grad()
-            loss = ((m.forward_dense(x) - t) ** 2).mean((1, 2))
-            loss.sum().backward()
-            return loss.detach()
-        return closure
+    twin = copy.deepcopy(model)
     resumed = BatchedLBFGS(twin.parameters(), max_eval=5, history_size=6,
                            history_dtype="bfloat16")
     resumed.load_state_dict(sd)
@@ -242,8 +239,8 @@ def test_reduced_history_state_dict_resumes_exactly_and_rebuilds_the_blocked_cop
     assert "syb" not in sd["state"][0]
     assert torch.equal(resumed.state[resumed._params[0]]["syb"],
                        opt.state[opt._params[0]]["syb"])
-    a = opt.step(closure_for(model, opt))
-    b = resumed.step(closure_for(twin, resumed))
+    a = opt.step(_closure(model, opt, x, t))
+    b = resumed.step(_closure(twin, resumed, x, t))
     assert torch.equal(a, b)
 
 
@@ -291,11 +288,7 @@ def _fit_watching(model, x, t, n_evals, **kw):
     """One evaluation per step; the per-cell losses and a copy of the state after each."""
     opt = BatchedLBFGS(model.parameters(), max_eval=1, **kw)
 
-    def closure():
-        opt.zero_grad()
-        loss = ((model.forward_dense(x) - t) ** 2).mean((1, 2))
-        loss.sum().backward()
-        return loss.detach()
+    closure = _closure(model, opt, x, t)
     losses, states = [], []
     for _ in range(n_evals):
         losses.append(opt.step(closure).clone())
@@ -313,10 +306,7 @@ def test_auto_runs_exact_while_the_history_fills_then_narrows_consistently(monke
     monkeypatch.setattr(H, "AUTO_REDUCED_BYTES", 1)
     m, n_evals = 6, 40
     model, x, t = _mlp_problem(3, seed=2)
-    ref_model = type(model)(3, 2, 1, 16, 2, "sine", omega_0=10.0)
-    ref_model.load_state_dict(model.state_dict())
-    early = type(model)(3, 2, 1, 16, 2, "sine", omega_0=10.0)
-    early.load_state_dict(model.state_dict())
+    ref_model, early = copy.deepcopy(model), copy.deepcopy(model)
     _, ref, _, _ = _fit_watching(ref_model, x, t, n_evals, history_size=m)
     opt, auto, states, closure = _fit_watching(model, x, t, n_evals, history_size=m,
                                                history_dtype="auto")
@@ -341,16 +331,10 @@ def test_auto_runs_exact_while_the_history_fills_then_narrows_consistently(monke
     # continues bit for bit
     opt2, _, _, closure2 = _fit_watching(early, x, t, full_at - 1, history_size=m,
                                          history_dtype="auto")
-    twin = type(model)(3, 2, 1, 16, 2, "sine", omega_0=10.0)
-    twin.load_state_dict(early.state_dict())
+    twin = copy.deepcopy(early)
     resumed = BatchedLBFGS(twin.parameters(), max_eval=1, history_size=m, history_dtype="auto")
     resumed.load_state_dict(opt2.state_dict())
-
-    def closure3():
-        resumed.zero_grad()
-        loss = ((twin.forward_dense(x) - t) ** 2).mean((1, 2))
-        loss.sum().backward()
-        return loss.detach()
+    closure3 = _closure(twin, resumed, x, t)
     for _ in range(3):                       # across the narrowing
         assert torch.equal(opt2.step(closure2), resumed.step(closure3))
     assert resumed.state[resumed._params[0]]["sy"].dtype == torch.bfloat16
