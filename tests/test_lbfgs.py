@@ -131,6 +131,26 @@ def test_compact_coefficients_match_two_loop(holes):
     assert torch.equal(c1, coef) and torch.equal(c2, coef)
 
 
+def test_compact_coefficients_shared_shift_equals_the_general_permutation():
+    """Cells that share their oldest slot take a block-copy permutation: bit for bit the
+    general (per-cell order) path's answer, for every shift."""
+    gen = torch.Generator().manual_seed(4)
+    n, m, p = 3, 6, 10
+    for shift in range(m):
+        S, Y, valid, _ = ring_history(n, m, p, [6, 6, 4], [shift] * n, gen)
+        g = torch.randn(n, p, generator=gen, dtype=F64)
+        gamma = torch.rand(n, generator=gen, dtype=F64) + 0.2
+        order = chronological_order(torch.full((n,), shift), m)
+        proj = torch.cat([torch.einsum("nmp,np->nm", S, g),
+                          torch.einsum("nmp,np->nm", Y, g)], 1)
+        sty = torch.einsum("nip,njp->nij", S, Y)
+        yty = torch.einsum("nip,njp->nij", Y, Y)
+        general = compact_coefficients(proj, sty, yty, gamma, valid, order)
+        shared = compact_coefficients(proj, sty, yty, gamma, valid, order, shift=shift)
+        assert torch.equal(general, shared), shift
+        assert bool(general.abs().sum() > 0)
+
+
 def test_two_loop_direction_oracle_sanity():
     """Sanity checks of the oracle itself: the newest secant equation H y = s holds, and
     with pairs along A's eigenvectors (A-conjugate) the L-BFGS matrix is exactly A^-1."""

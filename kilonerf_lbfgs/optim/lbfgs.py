@@ -348,7 +348,8 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
     st.valid = valid
     st.gamma = torch.where(reset, torch.ones_like(st.gamma), st.gamma)
     order = chronological_order(st.ptr, st.history_size)
-    coef = compact_coefficients(proj, st.sty, st.yty, st.gamma, valid, order, work)
+    coef = compact_coefficients(proj, st.sty, st.yty, st.gamma, valid, order, work,
+                                shift=_same_value(st.ptr))
     # d = -(gamma g + coef . [S;Y]); combine returns a new tensor
     d = torch.addcmul(combine(st.sy, st.syb, coef, st.slots_used, grad.dtype),
                       st.gamma.to(grad.dtype)[:, None], grad).neg_()
@@ -502,26 +503,31 @@ def curvature_pair(st: LBFGSState, out: TrialOutcome, hp: Hyperparameters):
     """The accepted step's pair and whether it enters the history.
 
     Returns:
-        s, y: ``[n, p]``, ``s = t_acc d``, ``y = g_new - g0``; sy, yy: ``[n]`` float64,
-        ``s.y`` and ``y.y`` (of the pair as the history stores it); keep: ``[n]`` bool,
-        accepted with ``s.y > curvature_eps y.y``, ``y != 0`` and both finite.
+        s: ``[n, p]``, ``s = t_acc d``; stored: ``(s, y)`` ``[n, p]`` each as the history
+        stores them (its dtype; ``y = g_new - g0``); wide: the same pair in the parameters'
+        dtype (the stored values, widened; ``s`` and ``y`` themselves at full precision);
+        sy, yy: ``[n]`` float64, ``s.y`` and ``y.y`` of the stored pair (consistent with its
+        later projections); keep: ``[n]`` bool, accepted with ``s.y > curvature_eps y.y``,
+        ``y != 0`` and both finite.
     """
     s = out.t_acc.to(out.g_new.dtype)[:, None] * st.d
     y = out.g_new - st.g0
-    if st.syb is None:
-        sy, yy = cell_dot(s, y), cell_dot(y, y)
-    else:  # the Gram entries of the rounded pair, consistent with its later projections
-        hs, hy = s.to(st.sy.dtype).to(s.dtype), y.to(st.sy.dtype).to(y.dtype)
-        sy, yy = cell_dot(hs, hy), cell_dot(hy, hy)
+    # each conversion is a no-op (the tensor itself) where the history is full precision
+    stored = (s.to(st.sy.dtype), y.to(st.sy.dtype))
+    ws, wy = stored[0].to(s.dtype), stored[1].to(y.dtype)
+    sy, yy = cell_dot(ws, wy), cell_dot(wy, wy)
     keep = out.accept & (sy > hp.curvature_eps * yy) & (yy > 0) & \
         torch.isfinite(sy) & torch.isfinite(yy)
-    return s, y, sy, yy, keep
+    return s, stored, (ws, wy), sy, yy, keep
 
 
-def update_history(st: LBFGSState, s: torch.Tensor, y: torch.Tensor, g_new: torch.Tensor,
+def update_history(st: LBFGSState, stored: Tuple[torch.Tensor, torch.Tensor],
+                   wide: Tuple[torch.Tensor, torch.Tensor], g_new: torch.Tensor,
                    sy: torch.Tensor, yy: torch.Tensor, keep: torch.Tensor,
                    t_acc: torch.Tensor) -> torch.Tensor:
-    """Write the pair ``(s, y)`` of the cells in ``keep`` into slot ``ptr`` and update the
+    """Write the pair ``(s, y)`` of the cells in ``keep`` (``stored`` in the history's dtype,
+    ``wide`` the same values in the parameters', see :func:`curvature_pair`) into slot
+    ``ptr`` and update the
     Gram matrices incrementally; return ``[S;Y]^T g_new`` ``[n, 2m]`` float64 for the new
     history (the next direction needs it).
 
@@ -540,9 +546,10 @@ def update_history(st: LBFGSState, s: torch.Tensor, y: torch.Tensor, g_new: torc
     # slicing, several times cheaper than advanced indexing), else per cell
     shared = _same_value(j)
     jj = j if shared is None else shared
-    ix = (slice(None),) if shared is not None else (torch.arange(st.n_cells, device=s.device),)
+    ix = (slice(None),) if shared is not None else \
+        (torch.arange(st.n_cells, device=g_new.device),)
     kj = keep[:, None]
-    hs, hy = write_pair(st.sy, st.syb, j, s, y, keep)
+    write_pair(st.sy, st.syb, j, stored[0], stored[1], keep)
     # slots are written in order from 0, at most one per evaluation
     st.slots_used = min(m, st.slots_used + 1)
     dc = st.dcoef
@@ -564,8 +571,8 @@ def update_history(st: LBFGSState, s: torch.Tensor, y: torch.Tensor, g_new: torc
     st.ptr = torch.where(keep, (j + 1) % m, j)
     st.gamma = torch.where(keep, sy / yy.clamp(min=1e-300), st.gamma)
     # [S;Y]_new g: patch the rewritten slot
-    sg = cell_dot(hs.to(g_new.dtype), g_new)
-    yg = cell_dot(hy.to(g_new.dtype), g_new)
+    sg = cell_dot(wide[0], g_new)
+    yg = cell_dot(wide[1], g_new)
     s_at, y_at = ix + (jj,), ix + (m + jj,)
     proj_new[s_at] = torch.where(keep, sg, proj_new[s_at])
     proj_new[y_at] = torch.where(keep, yg, proj_new[y_at])
@@ -597,8 +604,8 @@ def iterate(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor, hp: Hyperpar
     ``grad [n, p]``): line-search trial, curvature pair, history update, convergence test,
     and a new direction for the cells that moved or retry. Updates ``st`` in place."""
     out = line_search_trial(st, loss, grad, hp)
-    s, y, sy, yy, keep = curvature_pair(st, out, hp)
-    proj_new = update_history(st, s, y, out.g_new, sy, yy, keep, out.t_acc)
+    s, stored, wide, sy, yy, keep = curvature_pair(st, out, hp)
+    proj_new = update_history(st, stored, wide, out.g_new, sy, yy, keep, out.t_acc)
     retry = convergence_test(st, out, s, hp)
     accept = out.accept
     st.n_iters += accept.long()
