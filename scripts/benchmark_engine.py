@@ -14,6 +14,8 @@ Measures, each as the median of ``--repeats`` timed runs after a warm-up:
   passes over its history, on the image fidelity preset's problem (history 100) and on the
   NeRF distillation's shape (2947 cells x 3475 parameters, random samples, history 20), at
   several history sizes;
+- with ``--overhead_grids``, ``BatchedLBFGS``'s own work per evaluation on G x G cells of the
+  image fidelity network, for each G: how it grows with the number of cells;
 - the two passes over the history each evaluation makes (project the new gradient, combine
   the direction) on the image fidelity shape at the largest image history, in the history's
   fp32 storage and in bf16 / fp16 (candidates for reduced-precision storage), beside one
@@ -218,13 +220,15 @@ def history_passes(device, repeats, sync, n_cells, history, n_params) -> list:
     return rows
 
 
-def image_fidelity_problem(device):
+def image_fidelity_problem(device, grid=8):
+    """The fidelity preset's cells: camera cropped to ``32 grid`` px, ``grid x grid`` cells of
+    32 x 32 px (the preset: ``grid=8``), each a sine 2-32-32-32-1 network."""
     import torch
 
     from kilonerf_lbfgs.multinet import MultiMLP
     from kilonerf_lbfgs.signals.image import ImageProblem, center_crop, load_image
-    img = center_crop(load_image("camera"), 256)
-    problem = ImageProblem(img, (8, 8), device=device)
+    img = center_crop(load_image("camera"), 32 * grid)
+    problem = ImageProblem(img, (grid, grid), device=device)
     model = MultiMLP(problem.n_cells, 2, img.shape[2], 32, 3, "sine", omega_0=30.0,
                      generator=torch.Generator().manual_seed(0), device=device)
     return model, problem
@@ -278,6 +282,14 @@ def run_all(args) -> dict:
             lbfgs.append(lbfgs_overhead("image fidelity (camera 256, 8x8 cells)", model,
                                         problem, history, args.evals, device, sync, hd))
             print(json.dumps(lbfgs[-1]), flush=True)
+    by_cells = []
+    for grid in args.overhead_grids:
+        # the optimiser's work against the number of cells, everything else the same
+        cells_model, cells_problem = image_fidelity_problem(device, grid)
+        by_cells.append({"cells": grid * grid, **lbfgs_overhead(
+            f"image fidelity cells ({grid}x{grid})", cells_model, cells_problem,
+            args.cells_history, args.evals, device, sync, args.history_dtypes[-1])})
+        print(json.dumps(by_cells[-1]), flush=True)
     passes = []
     if args.image_histories:                 # the shape of the last image row's model
         n_params = sum(q[0].numel() for q in model.parameters())
@@ -295,7 +307,7 @@ def run_all(args) -> dict:
                 print(json.dumps(lbfgs[-1]), flush=True)
                 del field, problem
     return {"device": str(device), "threads": args.threads, "torch": torch.__version__,
-            "throughput": rows, "lbfgs": lbfgs, "passes": passes}
+            "throughput": rows, "lbfgs": lbfgs, "passes": passes, "by_cells": by_cells}
 
 
 def to_record(report, command, date, machine, threads, notes):
@@ -356,6 +368,17 @@ def to_record(report, command, date, machine, threads, notes):
                       None if closure is None else
                       round((r["project"] + r["combine"]) / 1e3 / closure, 2)]
                      for r in ps]})
+    by_cells = next((r["by_cells"] for r in runs if r.get("by_cells")), None)
+    if by_cells:
+        tables.append({
+            "caption": f"BatchedLBFGS's own work per evaluation against the number of cells: "
+                       f"the image fidelity network and 32 x 32 px cells, history "
+                       f"{by_cells[0]['history']}, {by_cells[0]['history_dtype']} history",
+            "columns": ["cells", "closure ms", "overhead ms", "overhead ms per cell",
+                        "overhead / closure"],
+            "rows": [[r["cells"], round(1e3 * r["closure_s"], 2), round(1e3 * r["overhead_s"], 2),
+                      round(1e3 * r["overhead_s"] / r["cells"], 3),
+                      round(r["overhead_vs_closure"], 2)] for r in by_cells]})
     return {
         "title": "Engine throughput: the tiny networks' forward+backward and BatchedLBFGS's "
                  "cost per evaluation",
@@ -390,6 +413,11 @@ def main():
     p.add_argument("--history_dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=("float32", "bfloat16", "float16"),
                    help="BatchedLBFGS history storage for the L-BFGS rows")
+    p.add_argument("--overhead_grids", type=int, nargs="*", default=[],
+                   help="also time BatchedLBFGS on G x G image fidelity cells for each G "
+                        "given (e.g. 1 2 4 8): how its own work grows with the cells")
+    p.add_argument("--cells_history", type=int, default=100,
+                   help="history size of the --overhead_grids rows")
     p.add_argument("--skip_distill", action="store_true",
                    help="skip the distillation-shape rows (about 1.6 GB of history at 20)")
     p.add_argument("--out", default=os.path.join("bench", "engine.json"))

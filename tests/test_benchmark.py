@@ -133,3 +133,32 @@ def test_history_dtype_benchmark_runs_and_writes_its_record(script, tmp_path):
     assert r.returncode == 0, r.stderr
     table = json.loads(rec.read_text())
     assert len(table["rows"]) == 2 and table["rows"][0][7] == 0.0     # gap of fp32 to itself
+
+
+def test_engine_record_tables_the_optimiser_work_per_cell():
+    """benchmark_engine's record: the cells table (``--overhead_grids``, from whichever run
+    has it) divides each row's optimiser work by its cells, beside the run's L-BFGS rows."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_engine.py"
+    spec = importlib.util.spec_from_file_location("benchmark_engine", path)
+    engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine)
+    tp = [{"what": "gemm", "shape": "ref", "mpoints_per_s": None, "gflop_per_s": 100.0}]
+    lb = [{"what": "BatchedLBFGS on image", "history": 100, "history_dtype": "bfloat16",
+           "seconds_per_eval": 0.03, "closure_s": 0.02, "overhead_s": 0.01,
+           "overhead_vs_closure": 0.5}]
+    cells = [{**lb[0], "cells": n, "closure_s": 0.001 * n, "overhead_s": 0.0005 * n + 0.001,
+              "overhead_vs_closure": (0.0005 * n + 0.001) / (0.001 * n)} for n in (1, 4)]
+    run = {"device": "cpu", "torch": "x", "threads": 2, "throughput": tp, "lbfgs": lb,
+           "passes": []}
+    rec = engine.to_record({"runs": [run, {**run, "by_cells": cells}, run]}, command="c",
+                           date="d", machine="m", threads="2", notes=[])
+    table = next(t for t in rec["tables"] if "number of cells" in t["caption"])
+    assert [r[0] for r in table["rows"]] == [1, 4]
+    assert table["rows"][1][2] == 3.0 and table["rows"][1][3] == 0.75   # ms, ms per cell
+    assert table["rows"][0][4] == 1.5
+    # without the option no such table
+    rec = engine.to_record({"runs": [run]}, command="c", date="d", machine="m",
+                           threads="2", notes=[])
+    assert not any("number of cells" in t["caption"] for t in rec["tables"])
