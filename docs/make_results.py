@@ -27,7 +27,7 @@ REQUIRED = ("title", "command", "date", "machine", "conditions", "notes", "prove
 ORDER = (
     "nerf_lego", "nerf_routes", "nerf_pipeline_race", "nerf_pipeline_race_quick",
     "nerf_pipeline_fresh", "nerf_pipeline_fresh_auto", "nerf_pipeline_coupled_quick", "nerf_demo_routes", "nerf_demo_routes_auto",
-    "nerf_demo_output_targets", "nerf_demo_coupled_schedule", "nerf_demo_handover", "nerf_pipeline_3seeds", "nerf_direct_lr_sweep_quick",
+    "nerf_demo_output_targets", "nerf_demo_output_targets_auto", "nerf_demo_coupled_schedule", "nerf_demo_coupled_schedule_auto", "nerf_demo_handover", "nerf_demo_handover_auto", "nerf_pipeline_3seeds", "nerf_direct_lr_sweep_quick",
     "nerf_own_scene_routes",
     "nerf_distill_calibration", "nerf_distill_race", "nerf_distill_race_auto",
     "nerf_distill_calibration_quick",
