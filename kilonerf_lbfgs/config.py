@@ -278,8 +278,11 @@ def for_option(flag: str, value: Any = None):
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main: a :class:`UserError` becomes one line on stderr and exit code 1."""
+    """Run a script's main: a :class:`UserError` becomes one line on stderr and exit code 1.
+    The C allocator is tuned first (:func:`~kilonerf_lbfgs.backends.tune_cpu_allocator`)."""
     from . import distributed           # under torchrun: leave the process group cleanly
+    from .backends import tune_cpu_allocator
+    tune_cpu_allocator()
     try:
         main()
         if distributed.current() is not None:
