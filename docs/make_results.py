@@ -37,7 +37,7 @@ ORDER = (
     "image_compression_kodak", "image_compression_kodak_auto", "image_compression_quick_bf16", "image_activations", "image_activations_auto", "image_width", "image_width_auto",
     "audio_race", "audio_race_bf16", "audio_race_auto", "video_race", "video_race_chunked", "video_race_bf16", "video_race_auto", "shape_race", "shape_race_bf16", "shape_race_auto", "shape_generalisation", "quick_races",
     "quick_races_chunked",
-    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "history_dtype", "history_dtype_auto",
+    "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "allocator", "history_dtype", "history_dtype_auto",
     "image_fidelity_bf16", "image_fidelity_auto", "quick_races_bf16", "engine_demo",
     "engine_lego",
     "scaling", "large_image", "long_audio", "gpu_h200", "fox", "own_scene_colmap", "nerf_auto_box",

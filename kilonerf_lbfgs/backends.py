@@ -118,10 +118,10 @@ def tune_cpu_allocator() -> bool:
     pages fault in on first touch, and returns the top of its heap to the system above its
     trim threshold; both start low (128 KB) and only adapt upwards as blocks are freed, and
     every one of the engine's ``[n_cells, p]`` temporaries and activation chunks (0.5-40 MB)
-    pays the page faults again. With blocks up to 32 MB from the heap and 1 GB of free heap
-    kept, the image fidelity closure runs about 15% faster and an Adam step about 10%
-    (``docs/results.md#engine``). The price: a process keeps up to 1 GB of freed memory
-    instead of returning it.
+    pays the page faults again until the thresholds have adapted. With blocks up to 32 MB
+    from the heap and 1 GB of free heap kept, a fresh process fitting the image fidelity
+    preset to 70 dB spends 14% less optimiser time (``docs/results.md#allocator``). The
+    price: a process keeps up to 1 GB of freed memory instead of returning it.
 
     Process-wide, so the library never calls it on import; the scripts do (through
     :func:`~kilonerf_lbfgs.config.run_main`). ``KILONERF_MALLOC=0`` in the environment, a
