@@ -34,7 +34,7 @@ ORDER = (
     "nerf_distill_race_quick", "nerf_distill_race_quick_auto", "nerf_distill_race_cuda", "nerf_distill_sampling", "nerf_distill_sampling_grid8", "nerf_distill_sampling_grid8_180",
     "nerf_distill_sampling_cuda", "hash_teacher",
     "image_fidelity", "image_fidelity_chunked", "image_fidelity_quick", "image_fidelity_quick_chunked", "image_compression", "image_compression_quick", "image_compression_quick_chunked", "image_compression_auto",
-    "image_compression_kodak", "image_compression_kodak_auto", "image_compression_quick_bf16", "image_activations", "image_activations_auto", "image_width", "image_width_auto",
+    "image_compression_kodak", "image_compression_kodak_auto", "image_compression_kodak_alloc", "image_compression_quick_bf16", "image_activations", "image_activations_auto", "image_width", "image_width_auto",
     "audio_race", "audio_race_bf16", "audio_race_auto", "audio_race_alloc", "video_race", "video_race_chunked", "video_race_bf16", "video_race_auto", "shape_race", "shape_race_bf16", "shape_race_auto", "shape_generalisation", "quick_races",
     "quick_races_chunked",
     "audio_quick_rerun", "lbfgs_eval_cost", "history_size", "engine", "allocator", "history_dtype", "history_dtype_auto",
