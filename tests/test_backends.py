@@ -43,19 +43,12 @@ def test_tune_cpu_allocator_settings_opt_out_and_refusal(monkeypatch):
     """It passes its three settings to mallopt; a refused one (mallopt returns 0, as C
     libraries other than glibc may) gives False; ``KILONERF_MALLOC=0`` calls nothing."""
     monkeypatch.setattr(sys, "platform", "linux")
-    calls = []
+    calls, answer = [], [1]
 
-    class FakeLibc:
-        def __init__(self, answer):
-            self.answer = answer
-
-            def mallopt(param, value):
-                calls.append((param, value))
-                return self.answer
-            self.mallopt = mallopt
-
-    answer = [1]
-    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: FakeLibc(answer[0]))
+    def mallopt(param, value):
+        calls.append((param, value))
+        return answer[0]
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: type("Libc", (), {"mallopt": mallopt}))
     assert backends.tune_cpu_allocator() is True
     assert calls == [(-3, 32 << 20), (-1, 1 << 30), (-2, 256 << 20)]
     answer[0] = 0

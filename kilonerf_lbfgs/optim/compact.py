@@ -22,6 +22,12 @@ from typing import Dict, Optional
 import torch
 
 
+def all_set(mask: torch.Tensor) -> bool:
+    """Whether every entry of ``mask`` is set, where that is known without a device sync:
+    on the CPU; elsewhere False, so the caller takes its masked path (always correct)."""
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
 def chronological_order(ptr: torch.Tensor, m: int) -> torch.Tensor:
     """Slot indices oldest first: ``ptr [n]`` (next slot to write) -> ``[n, m]`` long."""
     return (ptr[:, None] + torch.arange(m, device=ptr.device)[None, :]) % m
@@ -87,7 +93,7 @@ def compact_coefficients(proj: torch.Tensor, sty: torch.Tensor, yty: torch.Tenso
     # R: upper triangle of S^T Y in chronological order (the solver reads only that
     # triangle), invalid rows/columns zeroed and given a unit diagonal
     r = _gather_square(sty, order, shift, work["tmp"], work["r"])
-    if not (valid.device.type == "cpu" and bool(valid.all())):  # no device sync for this
+    if not all_set(valid):
         r.mul_(v[:, :, None]).mul_(v[:, None, :])
     diag = torch.diagonal(r, dim1=1, dim2=2)
     d = diag.clone()                                               # D (zero on invalid)

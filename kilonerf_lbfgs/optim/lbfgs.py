@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from .compact import cell_dot, chronological_order, compact_coefficients
+from .compact import all_set, cell_dot, chronological_order, compact_coefficients
 from .history import (combine, initial_dtype, narrow, new_history, project, resolve_dtype,
                       to_blocked, warm_kernels, write_pair)
 from .linesearch import LINE_SEARCHES, LineSearchState, line_search_update, new_line_state
@@ -238,12 +238,6 @@ class LBFGSState:
         return st
 
 
-def _all_set(mask: torch.Tensor) -> bool:
-    """Whether every entry of ``mask`` is set, where that is known without a device sync:
-    on the CPU; elsewhere False, so the caller takes its masked path (always correct)."""
-    return mask.device.type == "cpu" and bool(mask.all())
-
-
 def _same_value(x: torch.Tensor) -> Optional[int]:
     """The value every entry of the integer tensor ``x`` holds, where that is known without a
     device sync (on the CPU) and they all hold one; else None."""
@@ -255,8 +249,8 @@ def _same_value(x: torch.Tensor) -> Optional[int]:
 
 def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.where(mask[:, None], a, b)`` for ``[n, p]`` operands and ``mask [n]``; ``a``
-    itself (no pass over the data) when every cell is selected (see :func:`_all_set`)."""
-    return a if _all_set(mask) else torch.where(mask[:, None], a, b)
+    itself (no pass over the data) when every cell is selected (see :func:`~.compact.all_set`)."""
+    return a if all_set(mask) else torch.where(mask[:, None], a, b)
 
 
 def _max_abs(x: torch.Tensor) -> torch.Tensor:
@@ -358,7 +352,7 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
     bad = ~(gtd_cell < 0) | ~torch.isfinite(gtd_cell)
     if where is not None:
         bad = bad & where
-    if not _all_set(~bad):
+    if not all_set(~bad):
         d = torch.where(bad[:, None], -grad, d)
         gtd_cell = cell_dot(grad, d)
     st.valid = valid & ~bad[:, None]
@@ -527,9 +521,8 @@ def update_history(st: LBFGSState, stored: Tuple[torch.Tensor, torch.Tensor],
                    t_acc: torch.Tensor) -> torch.Tensor:
     """Write the pair ``(s, y)`` of the cells in ``keep`` (``stored`` in the history's dtype,
     ``wide`` the same values in the parameters', see :func:`curvature_pair`) into slot
-    ``ptr`` and update the
-    Gram matrices incrementally; return ``[S;Y]^T g_new`` ``[n, 2m]`` float64 for the new
-    history (the next direction needs it).
+    ``ptr`` and update the Gram matrices incrementally; return ``[S;Y]^T g_new`` ``[n, 2m]``
+    float64 for the new history (the next direction needs it).
 
     One pass over the old history gives ``[S;Y]_old^T g_new``; with ``proj0 = [S;Y]^T g0``
     the new column is ``S_old^T y = S_old^T g_new - S_old^T g0`` (and likewise ``Y_old^T y``).
