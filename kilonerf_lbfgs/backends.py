@@ -8,6 +8,10 @@
 - torch.compile (inductor: C++ on the CPU, Triton on CUDA) builds the fused kernels of
   :class:`CompiledKernel`; where it is unavailable or fails, or with ``KILONERF_COMPILE=0``
   in the environment, the same function runs eagerly (slower, same result within rounding).
+- native C kernels (:func:`native_library`): compiled at first use with the system's C compiler
+  (``cc``, or ``$CC``) for this CPU, and cached; used on the CPU only. Without a compiler, on a
+  failed build, or with ``KILONERF_NATIVE=0`` in the environment, the callers keep their
+  PyTorch path (the reference twin the tests compare the kernels with).
 - the C allocator (glibc on Linux): the command-line entry points call
   :func:`tune_cpu_allocator` so that freed tensor memory is reused instead of returned to
   the system and faulted in again (``KILONERF_MALLOC=0`` leaves the allocator alone).
@@ -17,11 +21,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import types
 import warnings
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -190,3 +200,71 @@ class CompiledKernel:
                           f"it eagerly (set KILONERF_COMPILE=0 to skip compiling)",
                           RuntimeWarning)
             return self.fn(*args)
+
+
+# flags of the native kernels: -march=native (the CPU's vector units), reassociation of
+# floating-point sums (vectorised dot products) without the rest of -ffast-math, and OpenMP
+# (libgomp: the loader reuses the copy PyTorch's Linux builds have already loaded)
+NATIVE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math",
+                "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC",
+                "-std=c11")
+
+
+def native_enabled() -> bool:
+    """Whether :func:`native_library` may build and load C kernels: not with
+    ``KILONERF_NATIVE=0`` in the environment."""
+    return os.environ.get("KILONERF_NATIVE", "1") != "0"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and flags (Linux), else the
+    machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            head = f.read().split("\n\n")[0]
+        return "\n".join(line for line in head.splitlines()
+                         if line.startswith(("model name", "flags")))
+    except OSError:
+        return platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def native_library(source: str) -> Optional[ctypes.CDLL]:
+    """The shared library built from the C file ``source`` with :data:`NATIVE_FLAGS`, or None
+    where native kernels are off, no C compiler is found, or the build fails (one warning).
+
+    Built once per source, compiler, flags and CPU, into ``$KILONERF_CACHE`` (default
+    ``~/.cache/kilonerf_lbfgs``), atomically: concurrent processes may build at once.
+    """
+    if not native_enabled():
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = Path(source)
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        key = hashlib.sha256("\0".join([src.read_text(), cc, version, " ".join(NATIVE_FLAGS),
+                                         _cpu_identity()]).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("KILONERF_CACHE",
+                                    Path.home() / ".cache" / "kilonerf_lbfgs"))
+        target = cache / f"{src.stem}-{key}.so"
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            try:
+                done = subprocess.run([cc, *NATIVE_FLAGS, str(src), "-o", tmp],
+                                      capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    raise RuntimeError(done.stderr.strip().splitlines()[-1:] or done.returncode)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return ctypes.CDLL(str(target))
+    except Exception as e:  # noqa: BLE001 - a missing or broken toolchain: keep the torch path
+        warnings.warn(f"native kernels unavailable ({src.name}: {e}); using the PyTorch path "
+                      f"(set KILONERF_NATIVE=0 to silence this)", RuntimeWarning)
+        return None

@@ -29,3 +29,16 @@ def run_script(name, *args, timeout=300, cwd=REPO, env=None):
 @pytest.fixture
 def script():
     return run_script
+
+
+@pytest.fixture(params=["native", "torch"])
+def lbfgs_path(request, monkeypatch):
+    """Run a BatchedLBFGS test on both CPU paths: the native per-cell kernel (skipped where it
+    cannot be built) and the torch path (its reference twin, and the path without a compiler)."""
+    import torch
+    from kilonerf_lbfgs.optim import native
+    if request.param == "torch":
+        monkeypatch.setattr(native, "serves", lambda *a: False)
+    elif not native.serves(torch.device("cpu"), torch.float32, torch.float32):
+        pytest.skip("the native kernel cannot be built here")
+    return request.param

@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..backends import CompiledKernel
+from . import native
 from .compact import cell_dot, combine_history, project_history
 
 # parameters per block of the combination's layout: 32 fp32 values, two AVX-512 vectors
@@ -82,12 +83,19 @@ def to_blocked(sy: torch.Tensor) -> torch.Tensor:
     return flat.view(n, 2 * m, n_blocks, BLOCK).permute(0, 2, 1, 3).contiguous()
 
 
+def needs_blocked(dtype: torch.dtype, param_dtype: torch.dtype, device) -> bool:
+    """Whether a history stored in ``dtype`` for ``param_dtype`` parameters keeps the blocked
+    copy ``syb``: where it is reduced and the torch path combines it (the native kernel of
+    :mod:`.native` reads the plain layout only)."""
+    return dtype != param_dtype and not native.serves(device, param_dtype, dtype)
+
+
 def new_history(n: int, m: int, p: int, dtype: torch.dtype, param_dtype: torch.dtype,
                 device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Zeroed buffers: ``sy [n, m, 2, p]`` in ``dtype`` and, when ``dtype`` is narrower than
-    ``param_dtype``, the blocked copy ``syb [n, P, 2m, B]`` (else None)."""
+    """Zeroed buffers: ``sy [n, m, 2, p]`` in ``dtype`` and, where :func:`needs_blocked`,
+    the blocked copy ``syb [n, P, 2m, B]`` (else None)."""
     sy = torch.zeros(n, m, 2, p, dtype=dtype, device=device)
-    if dtype == param_dtype:
+    if not needs_blocked(dtype, param_dtype, device):
         return sy, None
     return sy, torch.zeros(n, -(-p // BLOCK), 2 * m, BLOCK, dtype=dtype, device=device)
 
@@ -103,7 +111,9 @@ def warm_kernels(n: int, m: int, p: int, dtype: torch.dtype, param_dtype: torch.
                torch.empty(n, -(-p // BLOCK), 2 * m, BLOCK, dtype=dtype, device=device))
     v = torch.zeros(n, p, dtype=param_dtype, device=device)
     project(sy, v, m)
-    combine(sy, syb, torch.zeros(n, 2 * m, dtype=torch.float64, device=device), m, param_dtype)
+    if needs_blocked(dtype, param_dtype, device):
+        combine(sy, syb, torch.zeros(n, 2 * m, dtype=torch.float64, device=device), m,
+                param_dtype)
 
 
 def narrow(sy: torch.Tensor, dtype: torch.dtype, g: torch.Tensor):
@@ -131,7 +141,8 @@ def narrow(sy: torch.Tensor, dtype: torch.dtype, g: torch.Tensor):
         s, y = pairs[:, :, 0], pairs[:, :, 1]                          # [c, m, p]
         sty[lo:lo + step].copy_(torch.bmm(s, y.transpose(1, 2)))
         yty[lo:lo + step].copy_(torch.bmm(y, y.transpose(1, 2)))
-    return narrow_sy, to_blocked(narrow_sy), sty, yty, project(narrow_sy, g, m)
+    syb = to_blocked(narrow_sy) if needs_blocked(dtype, g.dtype, g.device) else None
+    return narrow_sy, syb, sty, yty, project(narrow_sy, g, m)
 
 
 def write_pair(sy: torch.Tensor, syb: Optional[torch.Tensor], slot: torch.Tensor,
@@ -201,13 +212,31 @@ def project(sy: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
     return out.view(n, m, 2).transpose(1, 2).reshape(n, 2 * m).double()
 
 
+def _combine_plain(sy: torch.Tensor, coef: torch.Tensor, k: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """:func:`combine` of a reduced history from its plain layout, widened a few cells at a
+    time (the rare calls outside :mod:`.native`'s kernel: a restart on a new objective)."""
+    n, m, _, p = sy.shape
+    out = torch.zeros(n, p, dtype=dtype, device=sy.device)
+    if k == 0:
+        return out
+    c = torch.stack([coef[:, :k], coef[:, m:m + k]], -1).reshape(n, 1, 2 * k).to(dtype)
+    step = max(1, (64 << 20) // (2 * k * p * 4))                     # ~64 MB widened at a time
+    for lo in range(0, n, step):
+        rows = sy[lo:lo + step, :k].reshape(-1, 2 * k, p).to(dtype)
+        out[lo:lo + step] = torch.bmm(c[lo:lo + step], rows)[:, 0]
+    return out
+
+
 def combine(sy: torch.Tensor, syb: Optional[torch.Tensor], coef: torch.Tensor, k: int,
             dtype: torch.dtype) -> torch.Tensor:
     """``coef[:, :m] S + coef[:, m:] Y`` ``[n, p]`` in ``dtype`` (the parameters'), over the
     first ``k`` slots; ``coef [n, 2m]`` float64 in slot order, zero on unused slots."""
-    if syb is None:
+    if syb is None and sy.dtype == dtype:
         return combine_history(sy, coef, k)
     n, m, _, p = sy.shape
+    if syb is None:  # a reduced history without its blocked copy (the native kernel's)
+        return _combine_plain(sy, coef, k, dtype)
     if k == 0:
         return sy.new_zeros(n, p, dtype=dtype)
     c = torch.stack([coef[:, :m], coef[:, m:]], -1).reshape(n, 2 * m).to(dtype)

@@ -42,9 +42,10 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
+from . import native
 from .compact import all_set, cell_dot, chronological_order, compact_coefficients
-from .history import (combine, initial_dtype, narrow, new_history, project, resolve_dtype,
-                      to_blocked, warm_kernels, write_pair)
+from .history import (combine, initial_dtype, narrow, needs_blocked, new_history, project,
+                      resolve_dtype, to_blocked, warm_kernels, write_pair)
 from .linesearch import LINE_SEARCHES, LineSearchState, line_search_update, new_line_state
 
 ACTIVE, CONVERGED, FAILED = 0, 1, 2
@@ -233,7 +234,7 @@ class LBFGSState:
         kw = {k: d[k] for k in names if k in d}
         kw["ls"] = LineSearchState(**{k: ls[k] for k in LineSearchState._fields})
         st = cls(**kw)
-        if st.syb is None and st.sy.dtype != st.x0.dtype:
+        if st.syb is None and needs_blocked(st.sy.dtype, st.x0.dtype, st.x0.device):
             st.syb = to_blocked(st.sy)
         return st
 
@@ -347,6 +348,15 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
     # d = -(gamma g + coef . [S;Y]); combine returns a new tensor
     d = torch.addcmul(combine(st.sy, st.syb, coef, st.slots_used, grad.dtype),
                       st.gamma.to(grad.dtype)[:, None], grad).neg_()
+    return checked_direction(st, grad, d, coef, where, max_step)
+
+
+def checked_direction(st: LBFGSState, grad: torch.Tensor, d: torch.Tensor, coef: torch.Tensor,
+                      where: Optional[torch.Tensor], max_step: Optional[float] = None):
+    """The quasi-Newton direction ``d = -(gamma grad + coef . [S;Y]) [n, p]`` made safe: a
+    cell (in ``where``, or any if None) whose ``d`` is not a descent direction falls back to
+    ``-grad`` and loses its history; ``max_step`` scales each cell's direction down (see
+    :func:`compact_direction`, which returns what this returns)."""
     gtd_cell = cell_dot(grad, d)
     # not a descent direction (rounding, bad pairs): drop the history, use -grad
     bad = ~(gtd_cell < 0) | ~torch.isfinite(gtd_cell)
@@ -355,7 +365,7 @@ def compact_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor,
     if not all_set(~bad):
         d = torch.where(bad[:, None], -grad, d)
         gtd_cell = cell_dot(grad, d)
-    st.valid = valid & ~bad[:, None]
+    st.valid = st.valid & ~bad[:, None]
     dgamma = torch.where(bad, torch.ones_like(st.gamma), st.gamma)
     dcoef = torch.where(bad[:, None], torch.zeros_like(coef), coef)
     if max_step is not None:
@@ -400,6 +410,14 @@ def new_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor, reset:
     :func:`compact_direction`)."""
     d, dgamma, dcoef, gtd_cell = compact_direction(st, grad, proj, reset, where, work,
                                                    max_step)
+    adopt_direction(st, grad, proj, d, dgamma, dcoef, gtd_cell, where, lr)
+
+
+def adopt_direction(st: LBFGSState, grad: torch.Tensor, proj: torch.Tensor, d: torch.Tensor,
+                    dgamma: torch.Tensor, dcoef: torch.Tensor, gtd_cell: torch.Tensor,
+                    where: Optional[torch.Tensor], lr: float) -> None:
+    """The cells in ``where`` (all if None) take the direction ``d`` (from
+    :func:`checked_direction`, with ``proj = [S;Y]^T grad``) and a fresh line search."""
     fresh, gtd0, t_unit = start_line_search(st, grad, gtd_cell)
     fresh = fresh._replace(t=lr * t_unit)
     if where is None:
@@ -598,8 +616,22 @@ def iterate(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor, hp: Hyperpar
     and a new direction for the cells that moved or retry. Updates ``st`` in place."""
     out = line_search_trial(st, loss, grad, hp)
     s, stored, wide, sy, yy, keep = curvature_pair(st, out, hp)
-    proj_new = update_history(st, stored, wide, out.g_new, sy, yy, keep, out.t_acc)
-    retry = convergence_test(st, out, s, hp)
+    if native.serves(st.x0.device, st.x0.dtype, st.sy.dtype):
+        _iterate_native(st, out, s, stored, sy, yy, keep, hp)
+    else:
+        proj_new = update_history(st, stored, wide, out.g_new, sy, yy, keep, out.t_acc)
+        retry = convergence_test(st, out, s, hp)
+        _move(st, out, s)
+        renew = (out.accept | retry) & (st.status == ACTIVE)
+        new_direction(st, st.g0, torch.where(out.accept[:, None], proj_new, st.proj0),
+                      reset=retry, where=renew, lr=hp.lr, work=work, max_step=hp.max_step)
+    if st.slots_used == st.history_size and hp.history_dtype == "auto" and \
+            st.sy.dtype == st.x0.dtype:
+        narrow_when_full(st)
+
+
+def _move(st: LBFGSState, out: TrialOutcome, s: torch.Tensor) -> None:
+    """The accepted cells move to their new point: ``x0 += s``, with its gradient and loss."""
     accept = out.accept
     st.n_iters += accept.long()
     st.x0 = _select(accept, st.x0 + s, st.x0)
@@ -607,11 +639,26 @@ def iterate(st: LBFGSState, loss: torch.Tensor, grad: torch.Tensor, hp: Hyperpar
     st.lo_g = _select(accept, out.g_new, st.lo_g)
     st.f0 = torch.where(accept, out.f_new, st.f0) if st.separable else \
         torch.where(accept.any(), out.f_new, st.f0)
-    renew = (accept | retry) & (st.status == ACTIVE)
-    new_direction(st, st.g0, torch.where(accept[:, None], proj_new, st.proj0), reset=retry,
-                  where=renew, lr=hp.lr, work=work, max_step=hp.max_step)
-    if st.syb is None and st.slots_used == st.history_size and hp.history_dtype == "auto":
-        narrow_when_full(st)
+
+
+def _iterate_native(st: LBFGSState, out: TrialOutcome, s: torch.Tensor,
+                    stored: Tuple[torch.Tensor, torch.Tensor], sy: torch.Tensor,
+                    yy: torch.Tensor, keep: torch.Tensor, hp: Hyperparameters) -> None:
+    """The rest of :func:`iterate` with the history work of every cell in one C kernel per
+    cell (:func:`~.native.cell_step`): the same arithmetic as :func:`update_history` and
+    :func:`new_direction`, the history read once instead of twice. The convergence test
+    comes first here (it needs nothing the history update changes: a failed cell keeps no
+    pair)."""
+    retry = convergence_test(st, out, s, hp)
+    _move(st, out, s)
+    renew = (out.accept | retry) & (st.status == ACTIVE)
+    st.valid = st.valid & ~retry[:, None]
+    st.gamma = torch.where(retry, torch.ones_like(st.gamma), st.gamma)
+    st.syb = None                       # the kernel reads the plain layout only
+    proj, coef, d = native.cell_step(st, stored, sy, yy, keep, out.accept, renew, out.t_acc)
+    st.slots_used = min(st.history_size, st.slots_used + 1)
+    d, dgamma, dcoef, gtd_cell = checked_direction(st, st.g0, d, coef, renew, hp.max_step)
+    adopt_direction(st, st.g0, proj, d, dgamma, dcoef, gtd_cell, renew, hp.lr)
 
 
 def narrow_when_full(st: LBFGSState) -> None:
