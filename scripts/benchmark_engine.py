@@ -212,7 +212,7 @@ def history_passes(device, repeats, sync, n_cells, history, n_params) -> list:
                 ("read", lambda: sy.sum()),
                 ("project", lambda: H.project(sy, v, history)),
                 ("combine", lambda: H.combine(sy, syb, coef, history, v.dtype)))}
-            rows.append({"dtype": "bfloat16, fused fp32 kernels (BatchedLBFGS)",
+            rows.append({"dtype": "bfloat16, fused fp32 kernels (torch path)",
                          "cells": n_cells, "history": history, "params": n_params,
                          "megabytes": sy.numel() * sy.element_size() / 1e6, **ms})
             del syb
@@ -306,8 +306,17 @@ def run_all(args) -> dict:
                                             problem, history, args.evals, device, sync, hd))
                 print(json.dumps(lbfgs[-1]), flush=True)
                 del field, problem
+    from kilonerf_lbfgs.optim import native
+    path = "native" if native.serves(device, torch.float32, torch.float32) else "torch"
     return {"device": str(device), "threads": args.threads, "torch": torch.__version__,
-            "throughput": rows, "lbfgs": lbfgs, "passes": passes, "by_cells": by_cells}
+            "lbfgs_path": path, "throughput": rows, "lbfgs": lbfgs, "passes": passes,
+            "by_cells": by_cells}
+
+
+# what each BatchedLBFGS path does with the history on the CPU (float32 parameters)
+PATHS = {"native": "the history work of each cell in one C kernel, one read of the history",
+         "torch": "two batched passes over the history, compiled kernels for a bfloat16 one, "
+                  "the m x m algebra batched between them; KILONERF_NATIVE=0"}
 
 
 def to_record(report, command, date, machine, threads, notes):
@@ -368,6 +377,21 @@ def to_record(report, command, date, machine, threads, notes):
                       None if closure is None else
                       round((r["project"] + r["combine"]) / 1e3 / closure, 2)]
                      for r in ps]})
+    # a run between the first and the last on the other BatchedLBFGS path (KILONERF_NATIVE=0):
+    # its rows beside the last run's, same machine and session
+    for twin in runs[1:-1]:
+        path = twin.get("lbfgs_path")
+        if not twin.get("lbfgs") or path is None or path == after.get("lbfgs_path"):
+            continue
+        tables.append({
+            "caption": f"BatchedLBFGS on the {path} path ({PATHS[path]}), a run beside the "
+                       f"main one",
+            "columns": ["problem", "history", "history dtype", "s/eval", "closure s",
+                        "overhead s", "overhead / closure"],
+            "rows": [[r["what"], r["history"], r.get("history_dtype", "float32"),
+                      round(r["seconds_per_eval"], 4), round(r["closure_s"], 4),
+                      round(r["overhead_s"], 4), round(r["overhead_vs_closure"], 2)]
+                     for r in twin["lbfgs"]]})
     by_cells = next((r["by_cells"] for r in runs if r.get("by_cells")), None)
     if by_cells:
         tables.append({
@@ -389,13 +413,14 @@ def to_record(report, command, date, machine, threads, notes):
                       "fan_out per point and layer for forward+backward), not the sines. "
                       "BatchedLBFGS: strong Wolfe line search, 5 evaluations per step, timed "
                       "after the history is full; overhead = seconds per evaluation minus the "
-                      "closure's; a bfloat16 history runs its two passes as compiled kernels "
-                      "(torch.compile)." + (" before: the engine before this work (all cells "
-                                            "in one batched call, fp32 history only; "
-                                            "bfloat16 rows are compared with its fp32 row); "
-                                            "after: cells in cache-sized chunks, fewer "
-                                            "optimiser passes, reduced-precision history."
-                                            if pair else ""),
+                      "closure's; BatchedLBFGS ran on the "
+                      f"{after.get('lbfgs_path', 'torch')} path "
+                      f"({PATHS[after.get('lbfgs_path', 'torch')]})." +
+                      (" before: the engine before this work (all cells in one batched "
+                       "call, fp32 history only; bfloat16 rows are compared with its fp32 "
+                       "row); after: cells in cache-sized chunks, fewer optimiser passes, "
+                       "reduced-precision history, the native per-cell kernel."
+                       if pair else ""),
         "notes": notes,
         "provenance": PROVENANCE,
         "columns": columns, "rows": rows, "tables": tables}

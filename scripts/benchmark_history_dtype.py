@@ -90,25 +90,37 @@ def run(args) -> dict:
             rows.append({"problem": "NeRF distillation, lego (quick race)",
                          "targets": race.targets, "unit": "dB", **r})
             print({k: v for k, v in rows[-1].items() if k != "qualities"}, flush=True)
+    from kilonerf_lbfgs.optim import native
+    path = "native" if native.serves(torch.device("cpu"), torch.float32, torch.float32) \
+        else "torch"
+    for row in rows:
+        row["lbfgs_path"] = path
     return {"threads": args.threads, "torch": torch.__version__, "rows": rows}
 
 
 def to_record(report, command, date, machine, threads, notes):
     rows = []
-    ref = {(r["problem"], r["seed"]): r["qualities"] for r in report["rows"]
+    # BatchedLBFGS's CPU path (older runs: the torch path); the gap column compares with the
+    # float32 run on the same path
+    path = lambda r: r.get("lbfgs_path", "torch")  # noqa: E731
+    ref = {(r["problem"], r["seed"], path(r)): r["qualities"] for r in report["rows"]
            if r["dtype"] == "float32"}
+    two_paths = len({path(r) for r in report["rows"]}) > 1
     for r in report["rows"]:
         targets = " / ".join(f"{t:g}" for t in r["targets"])
         hits = " / ".join("miss" if r["evals_to_target"][str(t)] is None
                           else str(r["evals_to_target"][str(t)]) for t in r["targets"])
-        base = ref.get((r["problem"], r["seed"]))
+        base = ref.get((r["problem"], r["seed"], path(r)))
         gap = None if base is None else round(max(
             abs(a - b) for a, b in zip(r["qualities"], base)), 2)
-        rows.append([r["problem"], r["seed"], r["dtype"], targets, hits, r["evals"],
-                     round(r["quality_end"], 2), gap, round(r["optimizer_seconds"], 1)])
+        rows.append([r["problem"], r["seed"], r["dtype"]] + ([path(r)] if two_paths else []) +
+                    [targets, hits, r["evals"], round(r["quality_end"], 2), gap,
+                     round(r["optimizer_seconds"], 1)])
     return {
-        "title": "BatchedLBFGS with its history in float32, bfloat16 and float16: evaluations "
-                 "to each target",
+        "title": ("BatchedLBFGS's native per-cell kernel against its torch path: evaluations "
+                  "to each target" if two_paths else
+                  "BatchedLBFGS with its history in float32, bfloat16 and float16: evaluations "
+                  "to each target"),
         "command": command, "date": date, "machine": machine, "threads": threads,
         "conditions": "BatchedLBFGS with the races' settings (history 100 on images, 20 on "
                       "the distillation; strong Wolfe), one evaluation per step, the quality "
@@ -117,7 +129,8 @@ def to_record(report, command, date, machine, threads, notes):
                       "precision. Each run is preceded by 3 untimed evaluations of a throwaway "
                       "model of the same shape, which compile the reduced-precision kernels.",
         "notes": notes, "provenance": PROVENANCE,
-        "columns": ["problem", "seed", "history dtype", "targets (dB)", "evaluations to target",
+        "columns": ["problem", "seed", "history dtype"] + (["L-BFGS path"] if two_paths else []) +
+                   ["targets (dB)", "evaluations to target",
                     "evaluations", "quality at end (dB)",
                     "largest gap to float32 over the run (dB)", "optimiser s"],
         "rows": rows}

@@ -162,3 +162,15 @@ def test_engine_record_tables_the_optimiser_work_per_cell():
     rec = engine.to_record({"runs": [run]}, command="c", date="d", machine="m",
                            threads="2", notes=[])
     assert not any("number of cells" in t["caption"] for t in rec["tables"])
+    # a run on the other BatchedLBFGS path between the first and the last: its own table
+    native_run = {**run, "lbfgs_path": "native"}
+    torch_run = {**run, "lbfgs_path": "torch",
+                 "lbfgs": [{**lb[0], "overhead_s": 0.02, "overhead_vs_closure": 1.0}]}
+    rec = engine.to_record({"runs": [run, torch_run, native_run]}, command="c", date="d",
+                           machine="m", threads="2", notes=[])
+    twin = next(t for t in rec["tables"] if "torch path" in t["caption"])
+    assert twin["rows"] == [["BatchedLBFGS on image", 100, "bfloat16", 0.03, 0.02, 0.02, 1.0]]
+    assert "native path" in rec["conditions"]
+    rec = engine.to_record({"runs": [run, native_run, native_run]}, command="c", date="d",
+                           machine="m", threads="2", notes=[])
+    assert not any("path (" in t["caption"] for t in rec["tables"])

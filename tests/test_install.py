@@ -47,6 +47,10 @@ def test_pip_install_then_fit_image_from_another_folder(tmp_path):
     work.mkdir()
     where = _run([py, "-c", "import kilonerf_lbfgs; print(kilonerf_lbfgs.__file__)"], work, env)
     assert str(venv) in where.stdout, where.stdout          # the installed copy, not the repo
+    # the native kernel's C source ships with the package (package_data)
+    check = "from kilonerf_lbfgs.optim import native; print(native.SOURCE.is_file())"
+    c_src = _run([py, "-c", check], work, env)
+    assert c_src.stdout.strip() == "True", c_src.stdout
 
     _run([py, os.path.join(REPO, "scripts", "fit_image.py"), "--config", "image.txt",
           "--image", "camera", "--crop", "64", "--grid", "4", "4", "--max_seconds", "2",

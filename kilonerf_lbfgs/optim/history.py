@@ -22,6 +22,10 @@ buffer is 115 MB, read twice per evaluation.
 
 Only the stored pairs are rounded; the iterate, the gradients, the Gram matrices (float64)
 and every product are kept in full precision.
+
+On the CPU with float32 parameters, :mod:`.native` does an evaluation's history work cell by
+cell in C instead (one read of the buffer, plain layout only: no blocked copy is kept); the
+functions here remain its reference twin and the path everywhere else.
 """
 from __future__ import annotations
 
