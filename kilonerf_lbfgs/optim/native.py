@@ -84,9 +84,8 @@ def cell_step(st, stored: Tuple[torch.Tensor, torch.Tensor], pair_sy: torch.Tens
         accepted); coef ``[n, 2m]`` float64 and d ``[n, p]`` (the parameters' dtype),
         ``d = -(gamma g0 + coef . [S;Y])``, for the cells in ``renew`` (zero elsewhere).
     """
-    sy = st.sy
-    n, m, _, p = sy.shape
-    f64 = dict(dtype=torch.float64, device=sy.device)
+    n, m, _, p = st.sy.shape
+    f64 = dict(dtype=torch.float64, device=st.sy.device)
     c = lambda t, dt=None: (t if dt is None else t.to(dt)).contiguous()  # noqa: E731
     st.valid, st.ptr, st.gamma = c(st.valid), c(st.ptr), c(st.gamma)
     hold = dict(hs=c(stored[0]), hy=c(stored[1]), g=c(st.g0), proj0=c(st.proj0),
@@ -94,10 +93,11 @@ def cell_step(st, stored: Tuple[torch.Tensor, torch.Tensor], pair_sy: torch.Tens
                 pair_sy=c(pair_sy, torch.float64), pair_yy=c(pair_yy, torch.float64),
                 accept=c(accept), keep=c(keep), renew=c(renew),
                 proj=torch.empty(n, 2 * m, **f64), coef=torch.empty(n, 2 * m, **f64),
-                d=torch.empty(n, p, dtype=st.g0.dtype, device=sy.device))
-    for name in ("sty", "yty"):
+                d=torch.empty(n, p, dtype=st.g0.dtype, device=st.sy.device))
+    for name in ("sy", "sty", "yty"):              # written in place through their pointers
         if not getattr(st, name).is_contiguous():
             setattr(st, name, getattr(st, name).contiguous())
+    sy = st.sy
     args = CellArgs(n, m, p, st.slots_used, _ptr(sy), *(
         _ptr(t) for t in (hold["hs"], hold["hy"], hold["g"], st.sty, st.yty, st.valid, st.ptr,
                           st.gamma, hold["proj0"], hold["dgamma"], hold["dcoef"],
