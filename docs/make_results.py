@@ -25,7 +25,7 @@ REQUIRED = ("title", "command", "date", "machine", "conditions", "notes", "prove
 
 # reading order; records not listed here follow in alphabetical order
 ORDER = (
-    "nerf_lego", "nerf_routes", "nerf_pipeline_race", "nerf_pipeline_race_quick",
+    "nerf_lego", "nerf_routes", "nerf_pipeline_race", "nerf_pipeline_race_engine", "nerf_pipeline_race_quick",
     "nerf_pipeline_fresh", "nerf_pipeline_fresh_auto", "nerf_pipeline_coupled_quick", "nerf_demo_routes", "nerf_demo_routes_auto",
     "nerf_demo_output_targets", "nerf_demo_output_targets_auto", "nerf_demo_coupled_schedule", "nerf_demo_coupled_schedule_auto", "nerf_demo_handover", "nerf_demo_handover_auto", "nerf_pipeline_3seeds", "nerf_pipeline_3seeds_engine", "nerf_direct_lr_sweep_quick",
     "nerf_own_scene_routes",
