@@ -31,7 +31,7 @@ ORDER = (
     "nerf_own_scene_routes",
     "nerf_distill_calibration", "nerf_distill_race", "nerf_distill_race_auto",
     "nerf_distill_calibration_quick",
-    "nerf_distill_race_quick", "nerf_distill_race_quick_auto", "nerf_distill_race_cuda", "nerf_distill_sampling", "nerf_distill_sampling_grid8", "nerf_distill_sampling_grid8_180",
+    "nerf_distill_race_quick", "nerf_distill_race_quick_auto", "nerf_distill_race_cuda", "nerf_distill_sampling", "nerf_distill_sampling_engine", "nerf_distill_sampling_grid8", "nerf_distill_sampling_grid8_180",
     "nerf_distill_sampling_cuda", "hash_teacher",
     "image_fidelity", "image_fidelity_native", "image_fidelity_chunked", "image_fidelity_quick", "image_fidelity_quick_chunked", "image_compression", "image_compression_quick", "image_compression_quick_chunked", "image_compression_auto",
     "image_compression_kodak", "image_compression_kodak_auto", "image_compression_kodak_alloc", "image_compression_quick_bf16", "image_activations", "image_activations_auto", "image_width", "image_width_auto",
