@@ -307,7 +307,7 @@ def run_all(args) -> dict:
                 print(json.dumps(lbfgs[-1]), flush=True)
                 del field, problem
     from kilonerf_lbfgs.optim import native
-    path = "native" if native.serves(device, torch.float32, torch.float32) else "torch"
+    path = native.cpu_path() if device.type == "cpu" else "torch"
     return {"device": str(device), "threads": args.threads, "torch": torch.__version__,
             "lbfgs_path": path, "throughput": rows, "lbfgs": lbfgs, "passes": passes,
             "by_cells": by_cells}

@@ -91,8 +91,7 @@ def run(args) -> dict:
                          "targets": race.targets, "unit": "dB", **r})
             print({k: v for k, v in rows[-1].items() if k != "qualities"}, flush=True)
     from kilonerf_lbfgs.optim import native
-    path = "native" if native.serves(torch.device("cpu"), torch.float32, torch.float32) \
-        else "torch"
+    path = native.cpu_path()
     for row in rows:
         row["lbfgs_path"] = path
     return {"threads": args.threads, "torch": torch.__version__, "rows": rows}

@@ -120,6 +120,17 @@ def warm_kernels(n: int, m: int, p: int, dtype: torch.dtype, param_dtype: torch.
                 param_dtype)
 
 
+def _widened(sy: torch.Tensor, k: int, dtype: torch.dtype):
+    """The first ``k`` slots of the history ``sy [n, m, 2, p]`` in ``dtype``, about 64 MB of
+    widened pairs at a time: yields ``(cells, pairs)``, a slice of cells and their
+    ``[c, k, 2, p]`` pairs."""
+    n, _, _, p = sy.shape
+    step = max(1, (64 << 20) // (k * 2 * p * torch.finfo(dtype).bits // 8))
+    for lo in range(0, n, step):
+        cells = slice(lo, lo + step)
+        yield cells, sy[cells, :k].to(dtype)
+
+
 def narrow(sy: torch.Tensor, dtype: torch.dtype, g: torch.Tensor):
     """A full history in the parameters' dtype, ``sy [n, m, 2, p]``, stored from now on in
     ``dtype``. Everything derived from the pairs is recomputed from the rounded pairs, so that
@@ -139,12 +150,10 @@ def narrow(sy: torch.Tensor, dtype: torch.dtype, g: torch.Tensor):
     narrow_sy = sy.to(dtype)
     sty = torch.empty(n, m, m, dtype=torch.float64, device=sy.device)
     yty = torch.empty_like(sty)
-    step = max(1, (64 << 20) // (m * 2 * p * sy.element_size()))    # ~64 MB widened at a time
-    for lo in range(0, n, step):
-        pairs = narrow_sy[lo:lo + step].to(sy.dtype)
+    for cells, pairs in _widened(narrow_sy, m, sy.dtype):
         s, y = pairs[:, :, 0], pairs[:, :, 1]                          # [c, m, p]
-        sty[lo:lo + step].copy_(torch.bmm(s, y.transpose(1, 2)))
-        yty[lo:lo + step].copy_(torch.bmm(y, y.transpose(1, 2)))
+        sty[cells].copy_(torch.bmm(s, y.transpose(1, 2)))
+        yty[cells].copy_(torch.bmm(y, y.transpose(1, 2)))
     syb = to_blocked(narrow_sy) if needs_blocked(dtype, g.dtype, g.device) else None
     return narrow_sy, syb, sty, yty, project(narrow_sy, g, m)
 
@@ -225,10 +234,8 @@ def _combine_plain(sy: torch.Tensor, coef: torch.Tensor, k: int,
     if k == 0:
         return out
     c = torch.stack([coef[:, :k], coef[:, m:m + k]], -1).reshape(n, 1, 2 * k).to(dtype)
-    step = max(1, (64 << 20) // (2 * k * p * 4))                     # ~64 MB widened at a time
-    for lo in range(0, n, step):
-        rows = sy[lo:lo + step, :k].reshape(-1, 2 * k, p).to(dtype)
-        out[lo:lo + step] = torch.bmm(c[lo:lo + step], rows)[:, 0]
+    for cells, pairs in _widened(sy, k, dtype):
+        out[cells] = torch.bmm(c[cells], pairs.reshape(-1, 2 * k, p))[:, 0]
     return out
 
 

@@ -46,12 +46,6 @@ static inline float widen_bf16(uint16_t h) {
 }
 static inline float widen_f32(float x) { return x; }
 
-static inline void store_bf16(uint16_t *dst, const uint16_t *src, int64_t p) {
-    memcpy(dst, src, (size_t)p * 2);
-}
-static inline void store_f32(float *dst, const float *src, int64_t p) {
-    memcpy(dst, src, (size_t)p * 4);
-}
 
 /* The double-precision part of one cell: Gram update for a kept pair, then (renew) the
  * compact coefficients. P: [2m] the projection (patched here for a kept pair). */
@@ -131,7 +125,7 @@ static void cell_algebra(const CellArgs *a, int64_t k, double *P, const double *
     }
 }
 
-#define CELL_KERNEL(NAME, T, WIDEN, STORE)                                                    \
+#define CELL_KERNEL(NAME, T, WIDEN)                                                           \
 static void NAME##_cell(const CellArgs *a, int64_t k, double *scratch) {                    \
     const int64_t m = a->m, p = a->p;                                                       \
     {                                                                                       \
@@ -162,8 +156,8 @@ static void NAME##_cell(const CellArgs *a, int64_t k, double *scratch) {        
                 ps_new[0] = ts;                                                             \
                 ps_new[1] = ty;                                                             \
                 T *slot = rows + 2 * a->ptr[k] * p;                                         \
-                STORE(slot, hs, p);                                                         \
-                STORE(slot + p, hy, p);                                                     \
+                memcpy(slot, hs, (size_t)p * sizeof(T));                                    \
+                memcpy(slot + p, hy, (size_t)p * sizeof(T));                                \
             }                                                                               \
         } else {                                                                            \
             memcpy(P, a->proj0 + k * 2 * m, (size_t)(2 * m) * sizeof(double));             \
@@ -198,5 +192,5 @@ void NAME(const CellArgs *a, int64_t n_threads) {                               
     }                                                                                       \
 }
 
-CELL_KERNEL(lbfgs_cells_bf16, uint16_t, widen_bf16, store_bf16)
-CELL_KERNEL(lbfgs_cells_f32, float, widen_f32, store_f32)
+CELL_KERNEL(lbfgs_cells_bf16, uint16_t, widen_bf16)
+CELL_KERNEL(lbfgs_cells_f32, float, widen_f32)

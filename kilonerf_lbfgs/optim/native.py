@@ -58,6 +58,12 @@ def serves(device: torch.device, param_dtype: torch.dtype, storage: torch.dtype)
             and storage in _KERNELS and _kernel(storage) is not None)
 
 
+def cpu_path() -> str:
+    """Which path BatchedLBFGS takes on the CPU with float32 parameters: ``"native"`` or
+    ``"torch"`` (the benchmarks record it beside their timings)."""
+    return "native" if serves(torch.device("cpu"), torch.float32, torch.float32) else "torch"
+
+
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
